@@ -1,0 +1,23 @@
+"""dataclay_hpc: persistent active objects on the MPI ranks of an HPC job.
+
+Code written for dataClay runs after changing ``dataclay`` to ``dataclay_hpc``::
+
+    from dataclay_hpc import Client, DataClayObject, activemethod
+"""
+
+from .client import Client
+from .context import ContextThreadPoolExecutor
+from .metadata import BackendInfo, ObjectMetadata
+from .object import DataClayObject, StorageObject, activemethod
+
+__all__ = [
+    "BackendInfo",
+    "Client",
+    "ContextThreadPoolExecutor",
+    "DataClayObject",
+    "ObjectMetadata",
+    "StorageObject",
+    "activemethod",
+]
+
+__version__ = "0.1.0"

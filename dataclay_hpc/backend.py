@@ -1,0 +1,498 @@
+"""A backend: holds objects and serves requests about them.
+
+Each backend rank keeps its objects in memory (``objects``: id to object), the
+aliases that hash to it, and a forwarding entry for every object that moved
+away. One ``RequestServer`` thread per connection answers attribute reads and
+writes, active-method calls, alias look-ups and moves; ``async def`` active
+methods run on the backend's event loop. ``flush`` writes every object to the
+backend's HDF5 store and drops its state; the next access reloads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import socket
+import sys
+import threading
+import traceback
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from . import serialization
+from .context import Session, reset_session, set_default_session, set_session
+from .exceptions import (
+    AliasAlreadyExistError,
+    AliasDoesNotExistError,
+    DataClayException,
+    ObjectDoesNotExistError,
+)
+from .metadata import BackendInfo
+from .object import DataClayObject, heap_get_or_create, set_process_backend
+from .runtime import ERROR, MOVED, OK, Runtime
+from .store import Store
+from .transport import REQUEST_TIMEOUT_S, RequestServer
+
+__all__ = ["Backend"]
+
+logger = logging.getLogger(__name__)
+
+# a flush waits at most this long for the requests in flight to finish
+FLUSH_WAIT_S = 600.0
+
+
+class _MovedAway(Exception):
+    def __init__(self, backend_id: uuid.UUID) -> None:
+        super().__init__(backend_id)
+        self.backend_id = backend_id
+
+
+class _RequestGate:
+    """Lets requests run together, and a flush run alone.
+
+    Requests never wait for each other (an active method may call back into
+    its own backend), so a flush waits until no request is in flight and holds
+    new ones until it is done.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._running = 0
+        self._flushing = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._flushing:
+                self._cond.wait()
+            self._running += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+            if self._flushing and self._running == 0:
+                self._cond.notify_all()
+
+    def enter_alone(self, timeout_s: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: not self._flushing and self._running == 0, timeout_s
+            ):
+                raise DataClayException(
+                    f"flush waited {timeout_s:.0f} s for {self._running} requests in "
+                    "flight to finish; retry once the running active methods are done"
+                )
+            self._flushing = True
+
+    def leave_alone(self) -> None:
+        with self._cond:
+            self._flushing = False
+            self._cond.notify_all()
+
+
+class Backend:
+    """One backend rank.
+
+    Args:
+        rank: The MPI rank.
+        secret: The job's secret.
+        storage_dir: Folder of the job's store; the backend's file is
+            ``backend-<rank>.h5`` in it.
+        bind_host: Address the request server binds.
+        advertise_host: Address other ranks reach it at.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        secret: bytes,
+        storage_dir: str,
+        bind_host: str,
+        advertise_host: str,
+    ) -> None:
+        self.backend_id = uuid.uuid4()
+        self.rank = rank
+        self.host = socket.gethostname()
+        self.storage_path = os.path.join(storage_dir, f"backend-{rank}.h5")
+        self.objects: dict[uuid.UUID, DataClayObject] = {}
+        self.aliases: dict[tuple[str, str], tuple[uuid.UUID, type, uuid.UUID]] = {}
+        self.moved: dict[uuid.UUID, uuid.UUID] = {}
+        self.runtime: Runtime | None = None
+        self.stopped = threading.Event()
+        self._aliases_lock = threading.Lock()
+        self._load_lock = threading.RLock()
+        self._gate = _RequestGate()
+        self._store: Store | None = None
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self._ops: dict[str, Callable[..., Any]] = {
+            name[4:]: getattr(self, name)
+            for name in dir(self)
+            if name.startswith("_op_")
+        }
+        self.server = RequestServer(self.handle, secret, bind_host, f"backend-{rank}")
+        self.info = BackendInfo(
+            id=self.backend_id,
+            rank=rank,
+            host=self.host,
+            address=(advertise_host, self.server.address[1]),
+            pid=os.getpid(),
+        )
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving requests; this process is the backend from now on."""
+        set_process_backend(self)
+        self.server.start()
+        logger.info(
+            "backend rank %d ready: id %s, listening on %s:%d",
+            self.rank,
+            self.backend_id,
+            *self.info.address,
+        )
+
+    def attach(self, runtime: Runtime) -> None:
+        """Give the backend its view of the whole job (after the address exchange)."""
+        self.runtime = runtime
+        set_default_session(Session(runtime), replace=True)
+
+    def close(self) -> None:
+        """Stop serving and close the store."""
+        self.server.close()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self.runtime is not None:
+            self.runtime.close()
+        if self._store is not None:
+            self._store.close()
+        set_process_backend(None)
+        logger.info(
+            "backend rank %d stopped (%d objects)", self.rank, len(self.objects)
+        )
+
+    # -- objects -------------------------------------------------------------------
+
+    def register_new(self, obj: DataClayObject) -> None:
+        """Make an object created in this backend persistent here."""
+        state = obj.__dict__
+        meta = state["_dc_meta"]
+        meta.master_backend_id = self.backend_id
+        if meta.dataset_name is None:
+            session = _current_session_or_none()
+            meta.dataset_name = session.dataset if session else "admin"
+        state["_dc_is_registered"] = True
+        state["_dc_is_local"] = True
+        state["_dc_is_loaded"] = True
+        self.objects[meta.id] = obj
+
+    def load(self, obj: DataClayObject) -> None:
+        """Read a flushed object's state back from the store."""
+        with self._load_lock:
+            state = obj.__dict__
+            if state["_dc_is_loaded"]:
+                return
+            object_id = state["_dc_meta"].id
+            saved = self._open_store().read(object_id)
+            state["_dc_is_loaded"] = True
+            obj._dc_set_state(saved)
+            logger.debug("object %s reloaded from the store", object_id)
+
+    def _open_store(self) -> Store:
+        if self._store is None:
+            with self._load_lock:
+                if self._store is None:
+                    self._store = Store(self.storage_path, self.register_new)
+        return self._store
+
+    def _held(self, obj: DataClayObject) -> DataClayObject:
+        state = obj.__dict__
+        if state["_dc_is_local"] and state["_dc_is_registered"]:
+            return obj
+        object_id = state["_dc_meta"].id
+        if object_id in self.moved:
+            raise _MovedAway(self.moved[object_id])
+        raise ObjectDoesNotExistError(
+            object_id, f"backend rank {self.rank} does not hold it"
+        )
+
+    def _materialize(self, records: list[serialization.Record]) -> None:
+        done: list[DataClayObject] = []
+        try:
+            for object_id, cls, meta, state in records:
+                obj = heap_get_or_create(object_id, cls, self.backend_id)
+                meta.master_backend_id = self.backend_id
+                obj.__dict__.update(
+                    _dc_meta=meta,
+                    _dc_is_registered=True,
+                    _dc_is_local=True,
+                    _dc_is_loaded=True,
+                )
+                done.append(obj)
+                obj._dc_set_state(state)
+                self.objects[object_id] = obj
+                self.moved.pop(object_id, None)
+        except BaseException:
+            for obj in done:
+                self.objects.pop(obj._dc_meta.id, None)
+                obj._dc_drop_state()
+                obj.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
+            raise
+
+    def _add_alias(
+        self, dataset: str, alias: str, entry: tuple[uuid.UUID, type, uuid.UUID]
+    ) -> None:
+        with self._aliases_lock:
+            if (dataset, alias) in self.aliases:
+                raise AliasAlreadyExistError(alias, dataset)
+            self.aliases[(dataset, alias)] = entry
+
+    # -- requests ------------------------------------------------------------------
+
+    def handle(self, payload: bytes, count: int, buffers: list[Any]):
+        """Answer one request frame with a reply frame."""
+        op = "?"
+        try:
+            (op, username, dataset, args), records = serialization.loads(
+                payload, count, buffers
+            )
+            try:
+                handler = self._ops[op]
+            except KeyError:
+                raise DataClayException(
+                    f"backend rank {self.rank}: unknown request {op!r}"
+                ) from None
+            logger.debug("request %s from %s/%s", op, username, dataset)
+            token = set_session(self._session(username, dataset))
+            try:
+                if op == "flush":
+                    result = handler(records, *args)
+                else:
+                    self._gate.enter()
+                    try:
+                        result = handler(records, *args)
+                    finally:
+                        self._gate.leave()
+            finally:
+                reset_session(token)
+            reply: tuple[int, Any] = (OK, result)
+        except _MovedAway as moved:
+            reply = (MOVED, moved.backend_id)
+        except BaseException as exc:  # noqa: BLE001 - every error goes back to the caller
+            reply = self._error_reply(exc)
+        return self._dump_reply(op, reply)
+
+    def _error_reply(self, exc: BaseException) -> tuple[int, Any]:
+        text = "".join(traceback.format_exception(exc))
+        return ERROR, (exc, text, self.rank, self.host)
+
+    def _dump_reply(self, op: str, reply: tuple[int, Any]):
+        try:
+            return serialization.dumps(reply, self.register_new, ship=False)
+        except Exception as exc:  # noqa: BLE001
+            if reply[0] == ERROR:
+                original, text = reply[1][0], reply[1][1]
+                substitute = DataClayException(f"{type(original).__name__}: {original}")
+                reply = (ERROR, (substitute, text, self.rank, self.host))
+            else:
+                reply = self._error_reply(
+                    DataClayException(
+                        f"the result of {op} cannot be sent back ({exc}); return "
+                        "picklable values from active methods"
+                    )
+                )
+            return serialization.dumps(reply, self.register_new, ship=False)
+
+    def _session(self, username: str, dataset: str) -> Session:
+        key = (username, dataset)
+        session = self._sessions.get(key)
+        if session is None:
+            assert self.runtime is not None
+            session = self._sessions[key] = Session(self.runtime, username, dataset)
+        return session
+
+    def _run_coroutine(self, coroutine: Any) -> Any:
+        with self._loop_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=loop.run_forever,
+                    name=f"backend-{self.rank}-loop",
+                    daemon=True,
+                ).start()
+                self._loop = loop
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return future.result(timeout=REQUEST_TIMEOUT_S)
+
+    # -- request handlers: _op_<name>(records, *args) ----------------------------------
+
+    def _op_ping(self, records: list) -> BackendInfo:
+        return self.info
+
+    def _op_make_persistent(
+        self, records: list, obj: DataClayObject, alias: str | None
+    ) -> None:
+        object_id = obj._dc_meta.id
+        dataset = next(meta.dataset_name for i, _, meta, _ in records if i == object_id)
+        if alias is not None:
+            self._add_alias(dataset, alias, (object_id, type(obj), self.backend_id))
+        try:
+            self._materialize(records)
+        except BaseException:
+            if alias is not None:
+                with self._aliases_lock:
+                    self.aliases.pop((dataset, alias), None)
+            raise
+
+    def _op_receive_objects(
+        self, records: list, objects: list[serialization.Record]
+    ) -> None:
+        self._materialize(objects)
+
+    def _op_get_attribute(self, records: list, obj: DataClayObject, name: str) -> Any:
+        self._materialize(records)
+        return getattr(self._held(obj), name)
+
+    def _op_set_attribute(
+        self, records: list, obj: DataClayObject, name: str, value: Any
+    ) -> None:
+        self._materialize(records)
+        setattr(self._held(obj), name, value)
+
+    def _op_delete_attribute(
+        self, records: list, obj: DataClayObject, name: str
+    ) -> None:
+        delattr(self._held(obj), name)
+
+    def _op_call(
+        self, records: list, obj: DataClayObject, name: str, args: tuple, kwargs: dict
+    ) -> Any:
+        self._materialize(records)
+        method = getattr(self._held(obj), name)
+        if not getattr(method, "_dc_activemethod", False):
+            raise DataClayException(
+                f"{type(obj).__qualname__}.{name} is not an active method; decorate it "
+                "with @activemethod to call it on the object's backend"
+            )
+        result = method(*args, **kwargs)
+        if inspect.iscoroutine(result):
+            result = self._run_coroutine(result)
+        return result
+
+    def _op_metadata(self, records: list, obj: DataClayObject) -> Any:
+        return self._held(obj)._dc_meta
+
+    def _op_get_object(
+        self, records: list, object_id: uuid.UUID
+    ) -> DataClayObject | None:
+        return self.objects.get(object_id)
+
+    def _op_locate(self, records: list, object_id: uuid.UUID) -> uuid.UUID | None:
+        if object_id in self.objects:
+            return self.backend_id
+        return self.moved.get(object_id)
+
+    def _op_add_alias(
+        self,
+        records: list,
+        dataset: str,
+        alias: str,
+        object_id: uuid.UUID,
+        cls: type,
+        backend_id: uuid.UUID,
+    ) -> None:
+        self._add_alias(dataset, alias, (object_id, cls, backend_id))
+
+    def _op_get_alias(self, records: list, dataset: str, alias: str) -> DataClayObject:
+        entry = self.aliases.get((dataset, alias))
+        if entry is None:
+            raise AliasDoesNotExistError(alias, dataset)
+        object_id, cls, backend_id = entry
+        return heap_get_or_create(object_id, cls, backend_id)
+
+    def _op_delete_alias(self, records: list, dataset: str, alias: str) -> None:
+        with self._aliases_lock:
+            if self.aliases.pop((dataset, alias), None) is None:
+                raise AliasDoesNotExistError(alias, dataset)
+
+    def _op_aliases_of(
+        self, records: list, object_id: uuid.UUID, dataset: str
+    ) -> list[str]:
+        with self._aliases_lock:
+            return [
+                alias
+                for (alias_dataset, alias), entry in self.aliases.items()
+                if entry[0] == object_id and alias_dataset == dataset
+            ]
+
+    def _op_move(
+        self,
+        records: list,
+        obj: DataClayObject,
+        target: uuid.UUID,
+        recursive: bool,
+        remotes: bool,
+    ) -> uuid.UUID:
+        obj = self._held(obj)
+        if recursive:
+            # recursive moves arrive with the move/versioning work (#3)
+            raise DataClayException(
+                "move(recursive=True) is not supported yet; move objects one by one"
+            )
+        if target == self.backend_id:
+            return target
+        assert self.runtime is not None
+        with self._load_lock:
+            if not obj.__dict__["_dc_is_loaded"]:
+                self.load(obj)
+            meta = obj._dc_meta
+            record = (meta.id, type(obj), meta, obj._dc_get_state())
+            self.runtime.request(target, "receive_objects", ([record],))
+            self.objects.pop(meta.id, None)
+            self.moved[meta.id] = target
+            obj._dc_drop_state()
+            obj.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
+            meta.master_backend_id = target
+        logger.debug("object %s moved to backend %s", meta.id, target)
+        return target
+
+    def _op_flush(self, records: list) -> int:
+        self._gate.enter_alone(FLUSH_WAIT_S)
+        try:
+            store = self._open_store()
+            count = 0
+            for object_id, obj in list(self.objects.items()):
+                state = obj.__dict__
+                if not state["_dc_is_loaded"]:
+                    continue
+                store.write(
+                    object_id, state["_dc_meta"].class_name, obj._dc_get_state()
+                )
+                obj._dc_drop_state()
+                state["_dc_is_loaded"] = False
+                count += 1
+            store.flush()
+        finally:
+            self._gate.leave_alone()
+        logger.info(
+            "backend rank %d flushed %d objects to %s", self.rank, count, store.path
+        )
+        return count
+
+    def _op_add_sys_path(self, records: list, paths: list[str]) -> None:
+        for path in reversed(paths):
+            if path not in sys.path and os.path.isdir(path):
+                sys.path.insert(0, path)
+
+    def _op_shutdown(self, records: list) -> None:
+        logger.info("backend rank %d asked to stop", self.rank)
+        self.stopped.set()
+
+
+def _current_session_or_none() -> Session | None:
+    from .context import _session
+
+    return _session.get()

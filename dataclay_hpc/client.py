@@ -1,0 +1,275 @@
+"""``Client``: the entry point of a program that uses persistent objects.
+
+Inside a job (the driver of ``dataclay-hpc run``) a client joins that job.
+Anywhere else it starts an embedded job of its own: ``dataclay-hpc run`` with
+no command, on ``DATACLAY_HPC_BACKENDS`` backends (2 by default), which it
+stops again on ``stop()``, on leaving a ``with`` block, or when the process
+exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import weakref
+from types import TracebackType
+
+from . import serialization
+from .context import (
+    DEFAULT_DATASET,
+    DEFAULT_USERNAME,
+    Session,
+    current_session,
+    default_session,
+    set_default_session,
+    set_session,
+)
+from .exceptions import DataClayException, JobError
+from .job import (
+    ENV_JOB,
+    JOB_FILE,
+    JobOptions,
+    backends_of,
+    check_backends,
+    default_backends,
+    rank_arguments,
+    read_job,
+)
+from .metadata import BackendInfo
+from .runtime import Runtime
+from .transport import Connection
+
+__all__ = ["Client"]
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_START_TIMEOUT_S = 120.0
+EMBEDDED_STOP_TIMEOUT_S = 60.0
+
+
+class Client:
+    """A session on a job: who the requests are from and which dataset they use.
+
+    Args:
+        dataset: Dataset of the objects and aliases this client makes
+            (default ``admin``).
+        username: User the requests are made as (default ``admin``).
+        backends: Backends of an embedded job (default ``DATACLAY_HPC_BACKENDS``
+            or 2); ignored inside a job.
+        storage: Store folder of an embedded job; ignored inside a job.
+    """
+
+    def __init__(
+        self,
+        dataset: str | None = None,
+        username: str | None = None,
+        *,
+        backends: int | None = None,
+        storage: str | None = None,
+    ) -> None:
+        self.dataset = dataset or DEFAULT_DATASET
+        self.username = username or DEFAULT_USERNAME
+        self._backends = (
+            None if backends is None else check_backends(backends, "backends")
+        )
+        self._storage = storage
+        self.runtime: Runtime | None = None
+        self.session: Session | None = None
+        self._embedded: _EmbeddedJob | None = None
+        self.job_dir: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def is_active(self) -> bool:
+        """Whether the client is started."""
+        return self.runtime is not None
+
+    def start(self) -> Client:
+        """Join the job this process runs in, or start an embedded one.
+
+        The client becomes the session of the calling context and, if the
+        process has none yet, the process's default session.
+
+        Returns:
+            The client itself.
+
+        Raises:
+            JobError: The embedded job could not start.
+        """
+        if self.runtime is not None:
+            return self
+        job_dir = os.environ.get(ENV_JOB)
+        if job_dir is None:
+            self._embedded = _EmbeddedJob(self._backends, self._storage)
+            job_dir = self._embedded.job_dir
+        description, secret = read_job(job_dir)
+        self.job_dir = job_dir
+        self.runtime = Runtime(description["job_id"], secret, backends_of(description))
+        self.session = Session(self.runtime, self.username, self.dataset)
+        set_session(self.session)
+        set_default_session(self.session)
+        self._share_import_path()
+        logger.info(
+            "client joined job %s (%d backends) as %s/%s",
+            description["job_id"],
+            len(self.runtime.backends),
+            self.username,
+            self.dataset,
+        )
+        return self
+
+    def stop(self) -> None:
+        """Leave the job; an embedded job is stopped."""
+        if self.runtime is None:
+            return
+        runtime, self.runtime = self.runtime, None
+        runtime.close()
+        if default_session() is self.session:
+            set_default_session(None)
+        with contextlib.suppress(DataClayException):
+            if current_session() is self.session:
+                set_session(None)
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    def __enter__(self) -> Client:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- the job -----------------------------------------------------------------------
+
+    def get_backends(self) -> dict[uuid.UUID, BackendInfo]:
+        """Return the job's backends, in rank order: ``backend_id -> BackendInfo``."""
+        return dict(self._runtime().backends)
+
+    def flush_all(self) -> int:
+        """Write every object of every backend to the store and drop it from memory.
+
+        The next access to an object (attribute, active method, move, a
+        reference followed inside a backend) reloads it.
+
+        Returns:
+            How many objects were written.
+        """
+        return self._runtime().flush_all()
+
+    def _runtime(self) -> Runtime:
+        if self.runtime is None:
+            raise DataClayException("the client is not started; call start() first")
+        return self.runtime
+
+    def _share_import_path(self) -> None:
+        # backends import model classes the way the driver does
+        paths = [p for p in (sys.path[0] if sys.path else "", os.getcwd()) if p]
+        paths = [os.path.abspath(p) for p in paths if os.path.isdir(p)]
+        runtime = self._runtime()
+        runtime.broadcast("add_sys_path", (paths,))
+
+    def __repr__(self) -> str:
+        state = "active" if self.runtime is not None else "stopped"
+        return f"<Client {self.username}/{self.dataset} {state}>"
+
+
+class _EmbeddedJob:
+    """A job of this process's own: ``dataclay-hpc run`` without a command."""
+
+    def __init__(self, backends: int | None, storage: str | None) -> None:
+        backends = backends or default_backends()
+        self.job_dir = tempfile.mkdtemp(prefix="dataclay-hpc-embedded-")
+        options = JobOptions(
+            command=[],
+            backends=backends,
+            storage=storage,
+            job_dir=self.job_dir,
+            watch_pid=os.getpid(),
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "dataclay_hpc",
+            "run",
+            *rank_arguments(options),
+        ]
+        env = dict(os.environ)
+        env.pop(ENV_JOB, None)
+        paths = [p for p in (sys.path[0] if sys.path else "",) if p]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(paths)
+        logger.info("starting an embedded job with %d backends", backends)
+        self.process = subprocess.Popen(command, env=env, start_new_session=True)
+        self._finalizer = weakref.finalize(
+            self, _stop_process, self.process, self.job_dir
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def _wait_ready(self) -> None:
+        path = os.path.join(self.job_dir, JOB_FILE)
+        deadline = time.monotonic() + EMBEDDED_START_TIMEOUT_S
+        while not os.path.exists(path):
+            code = self.process.poll()
+            if code is not None:
+                raise JobError(
+                    f"the embedded job exited with code {code} before it was ready; "
+                    "its messages above say why"
+                )
+            if time.monotonic() > deadline:
+                raise JobError(
+                    "the embedded job was not ready after "
+                    f"{EMBEDDED_START_TIMEOUT_S:.0f} s; check that mpiexec works: "
+                    "mpiexec -n 2 python -c pass"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._finalizer()
+
+
+def _ask_to_stop(job_dir: str) -> None:
+    try:
+        description, secret = read_job(job_dir)
+    except JobError:
+        return
+    host, port = description["coordinator"]
+    try:
+        connection = Connection((host, port), secret, "the embedded job's coordinator")
+        request = ("shutdown", DEFAULT_USERNAME, DEFAULT_DATASET, ())
+        connection.request(*serialization.dumps(request))
+        connection.close()
+    except DataClayException as exc:
+        logger.warning("could not ask the embedded job to stop: %s", exc)
+
+
+def _stop_process(process: subprocess.Popen, job_dir: str) -> None:
+    if process.poll() is None:
+        _ask_to_stop(job_dir)
+    try:
+        process.wait(timeout=EMBEDDED_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        logger.warning("embedded job did not stop in time; killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    shutil.rmtree(job_dir, ignore_errors=True)

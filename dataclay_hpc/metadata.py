@@ -1,0 +1,89 @@
+"""What the job knows about its objects and backends.
+
+``ObjectMetadata`` travels with every object (``obj._dc_meta``); ``BackendInfo``
+describes one backend rank of the job (``client.get_backends()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from typing import Any
+
+__all__ = ["BackendInfo", "ObjectMetadata"]
+
+
+@dataclasses.dataclass
+class ObjectMetadata:
+    """Identity, location and version lineage of one object.
+
+    Attributes:
+        id: The object id, unique over all jobs.
+        class_name: Dotted import path of the object's class.
+        master_backend_id: The backend that holds the object, ``None`` while the
+            object is volatile.
+        dataset_name: The dataset the object belongs to.
+        original_object_id: For a version, the object it is a version of.
+        versions_object_ids: For a version, the chain of versions between the
+            original and this one, oldest first.
+    """
+
+    id: uuid.UUID = dataclasses.field(default_factory=uuid.uuid4)
+    class_name: str = ""
+    master_backend_id: uuid.UUID | None = None
+    dataset_name: str | None = None
+    original_object_id: uuid.UUID | None = None
+    versions_object_ids: list[uuid.UUID] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Return the metadata as a JSON string (ids as text)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, uuid.UUID):
+                value = str(value)
+            elif isinstance(value, list):
+                value = [str(v) for v in value]
+            out[field.name] = value
+        return json.dumps(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    """One backend rank of a job.
+
+    Attributes:
+        id: The backend id used by ``make_persistent(backend_id=...)``.
+        rank: The backend's MPI rank in the job.
+        host: Host name the rank runs on.
+        address: ``(ip, port)`` its request server listens on.
+        pid: Process id of the rank.
+    """
+
+    id: uuid.UUID
+    rank: int
+    host: str
+    address: tuple[str, int]
+    pid: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "id": str(self.id),
+            "rank": self.rank,
+            "host": self.host,
+            "address": list(self.address),
+            "pid": self.pid,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackendInfo:
+        """Build from the dict ``to_dict`` made."""
+        return cls(
+            id=uuid.UUID(data["id"]),
+            rank=int(data["rank"]),
+            host=str(data["host"]),
+            address=(str(data["address"][0]), int(data["address"][1])),
+            pid=int(data["pid"]),
+        )

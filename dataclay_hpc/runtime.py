@@ -1,0 +1,358 @@
+"""Requests from any process of a job (driver or backend) to the backends.
+
+A ``Runtime`` knows the job's backends and its secret, keeps one connection per
+backend and thread, and turns the object API (attribute reads and writes,
+active-method calls, aliases, ...) into requests. A backend answers an object
+that has moved with its new place; the runtime updates the proxy's
+``_dc_meta.master_backend_id`` and asks again, so a stale location is repaired
+on the fly.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import random
+import threading
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import serialization
+from .context import Session, current_session
+from .exceptions import (
+    BackendDoesNotExistError,
+    DataClayException,
+    ObjectDoesNotExistError,
+    RemoteTraceback,
+)
+from .metadata import BackendInfo
+from .object import DataClayObject, heap_add, heap_lookup
+from .transport import Connection
+
+__all__ = ["Runtime"]
+
+logger = logging.getLogger(__name__)
+
+# answers a backend sends back
+OK, ERROR, MOVED = 0, 1, 2
+# what pickling raises for a value that cannot be pickled
+_PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
+# hops a request follows through "moved to" answers before giving up
+_MAX_MOVED_HOPS = 16
+
+
+class Runtime:
+    """The backends of one job, and the requests a process can send them.
+
+    Args:
+        job_id: The job's id.
+        secret: The job's secret.
+        backends: Every backend of the job.
+    """
+
+    is_backend = False
+
+    def __init__(self, job_id: str, secret: bytes, backends: Sequence[BackendInfo]):
+        self.job_id = job_id
+        self._secret = secret
+        ordered = sorted(backends, key=lambda info: info.rank)
+        self.backends: dict[uuid.UUID, BackendInfo] = {b.id: b for b in ordered}
+        self._backend_ids = [b.id for b in ordered]
+        for backend_id in self._backend_ids:
+            serialization.remember_uuid(backend_id)
+        self._local = threading.local()
+        self._connections_lock = threading.Lock()
+        self._all_connections: list[Connection] = []
+        self._closed = False
+
+    # -- plumbing --------------------------------------------------------------
+
+    def backend_id(self, backend_id: uuid.UUID | str) -> uuid.UUID:
+        """Return ``backend_id`` as a UUID of one of the job's backends.
+
+        Raises:
+            BackendDoesNotExistError: It is not one.
+        """
+        if not isinstance(backend_id, uuid.UUID):
+            try:
+                backend_id = uuid.UUID(str(backend_id))
+            except ValueError:
+                raise BackendDoesNotExistError(backend_id, self._backend_ids) from None
+        if backend_id not in self.backends:
+            raise BackendDoesNotExistError(backend_id, self._backend_ids)
+        return backend_id
+
+    def _connection(self, backend_id: uuid.UUID) -> Connection:
+        connections = getattr(self._local, "connections", None)
+        if connections is None:
+            connections = self._local.connections = {}
+        connection = connections.get(backend_id)
+        if connection is None or connection.closed:
+            if self._closed:
+                raise DataClayException(
+                    "the client is stopped; start a client before using objects"
+                )
+            info = self.backends[backend_id]
+            connection = Connection(
+                info.address, self._secret, f"backend rank {info.rank}"
+            )
+            connections[backend_id] = connection
+            with self._connections_lock:
+                self._all_connections.append(connection)
+        return connection
+
+    def request(
+        self,
+        backend_id: uuid.UUID,
+        op: str,
+        args: tuple,
+        *,
+        register: Callable[[DataClayObject], None] | None = None,
+        session: Session | None = None,
+    ) -> Any:
+        """Send one request to a backend and return its answer.
+
+        Volatile objects reached by ``args`` are handed to ``register`` and travel
+        with the request; they become proxies when it succeeds, and volatile again
+        when it fails.
+        """
+        session = session or current_session()
+        message = (op, session.username, session.dataset, args)
+        new_objects: list[DataClayObject] = []
+        try:
+            payload, count, buffers = serialization.dumps(
+                message, register, new_objects
+            )
+        except serialization.ClassImportError:
+            _unregister(new_objects)
+            raise
+        except _PICKLE_ERRORS as exc:
+            _unregister(new_objects)
+            raise DataClayException(
+                f"cannot send {op} request: a value cannot be pickled ({exc}); "
+                "persistent attributes and arguments must be picklable"
+            ) from exc
+        try:
+            frame = self._connection(backend_id).request(payload, count, buffers)
+            (status, value), _ = serialization.loads(*frame)
+        except BaseException:
+            _unregister(new_objects)
+            raise
+        if status == OK:
+            _became_remote(new_objects)
+            return value
+        _unregister(new_objects)
+        if status == MOVED:
+            raise _Moved(value)
+        exc, remote_tb, rank, host = value
+        exc.__cause__ = RemoteTraceback(
+            f"raised on backend rank {rank} (host {host}):\n{remote_tb}"
+        )
+        raise exc
+
+    def object_request(self, obj: DataClayObject, op: str, *args: Any) -> Any:
+        """Send a request about ``obj`` to its backend, following moves."""
+        meta = obj._dc_meta
+        for _ in range(_MAX_MOVED_HOPS):
+            backend_id = meta.master_backend_id
+            if backend_id is None:
+                backend_id = meta.master_backend_id = self._locate(meta.id)
+            try:
+                return self.request(
+                    backend_id,
+                    op,
+                    (obj, *args),
+                    register=self._register_for(backend_id),
+                )
+            except _Moved as moved:
+                logger.debug("object %s moved to %s", meta.id, moved.backend_id)
+                meta.master_backend_id = moved.backend_id
+        raise ObjectDoesNotExistError(
+            meta.id, f"it was still moving after {_MAX_MOVED_HOPS} hops"
+        )
+
+    def _register_for(
+        self, backend_id: uuid.UUID, session: Session | None = None
+    ) -> Callable[[DataClayObject], None]:
+        dataset = (session or current_session()).dataset
+
+        def register(obj: DataClayObject) -> None:
+            meta = obj._dc_meta
+            meta.master_backend_id = backend_id
+            if meta.dataset_name is None:
+                meta.dataset_name = dataset
+            obj.__dict__["_dc_is_registered"] = True
+
+        return register
+
+    def alias_home(self, dataset: str, alias: str) -> uuid.UUID:
+        """Return the backend that keeps ``dataset/alias``."""
+        key = zlib.crc32(f"{dataset}\0{alias}".encode())
+        return self._backend_ids[key % len(self._backend_ids)]
+
+    def broadcast(self, op: str, args: tuple = ()) -> list[Any]:
+        """Send the same request to every backend, in rank order."""
+        return [self.request(b, op, args) for b in self._backend_ids]
+
+    def close(self) -> None:
+        """Close every connection this runtime opened."""
+        self._closed = True
+        with self._connections_lock:
+            connections, self._all_connections = self._all_connections, []
+        for connection in connections:
+            connection.close()
+
+    # -- the object API ------------------------------------------------------------
+
+    def make_persistent(
+        self, obj: DataClayObject, alias: str | None, backend_id: uuid.UUID | str | None
+    ) -> None:
+        """Store a volatile object (and what it reaches) on one backend."""
+        session = current_session()
+        if backend_id is None:
+            target = random.choice(self._backend_ids)
+        else:
+            target = self.backend_id(backend_id)
+        home = self.alias_home(session.dataset, alias) if alias is not None else None
+        if alias is not None and home != target:
+            # reserve the alias first: a taken alias leaves nothing behind
+            meta = obj.__dict__["_dc_meta"]
+            reservation = (session.dataset, alias, meta.id, type(obj), target)
+            self.request(home, "add_alias", reservation)
+            try:
+                self.request(
+                    target,
+                    "make_persistent",
+                    (obj, None),
+                    register=self._register_for(target, session),
+                )
+            except BaseException:
+                self.request(home, "delete_alias", (session.dataset, alias))
+                raise
+        else:
+            self.request(
+                target,
+                "make_persistent",
+                (obj, alias),
+                register=self._register_for(target, session),
+            )
+
+    def get_attribute(self, obj: DataClayObject, name: str) -> Any:
+        """Read a persistent attribute of a remote object."""
+        return self.object_request(obj, "get_attribute", name)
+
+    def set_attribute(self, obj: DataClayObject, name: str, value: Any) -> None:
+        """Write a persistent attribute of a remote object."""
+        self.object_request(obj, "set_attribute", name, value)
+
+    def delete_attribute(self, obj: DataClayObject, name: str) -> None:
+        """Delete a persistent attribute of a remote object."""
+        self.object_request(obj, "delete_attribute", name)
+
+    def call_active_method(
+        self, obj: DataClayObject, name: str, args: tuple, kwargs: dict
+    ) -> Any:
+        """Run an active method on the object's backend."""
+        return self.object_request(obj, "call", name, args, kwargs)
+
+    def get_by_alias(self, alias: str, dataset_name: str | None) -> Any:
+        """Return the object registered under ``alias``."""
+        dataset = dataset_name or current_session().dataset
+        return self.request(
+            self.alias_home(dataset, alias), "get_alias", (dataset, alias)
+        )
+
+    def add_alias(self, obj: DataClayObject, alias: str) -> None:
+        """Register ``alias`` for a persistent object."""
+        meta = obj._dc_meta
+        dataset = meta.dataset_name or current_session().dataset
+        self.request(
+            self.alias_home(dataset, alias),
+            "add_alias",
+            (dataset, alias, meta.id, type(obj), meta.master_backend_id),
+        )
+
+    def delete_alias(self, alias: str, dataset_name: str | None) -> None:
+        """Remove an alias."""
+        dataset = dataset_name or current_session().dataset
+        self.request(self.alias_home(dataset, alias), "delete_alias", (dataset, alias))
+
+    def get_aliases(self, obj: DataClayObject) -> set[str]:
+        """Return every alias of ``obj`` in its dataset."""
+        meta = obj._dc_meta
+        found: set[str] = set()
+        for aliases in self.broadcast("aliases_of", (meta.id, meta.dataset_name)):
+            found.update(aliases)
+        return found
+
+    def get_by_id(self, object_id: uuid.UUID | str) -> Any:
+        """Return the object with ``object_id``."""
+        if not isinstance(object_id, uuid.UUID):
+            try:
+                object_id = uuid.UUID(str(object_id))
+            except ValueError:
+                raise ObjectDoesNotExistError(
+                    object_id, "it is not a valid object id"
+                ) from None
+        obj = heap_lookup(object_id)
+        if obj is not None:
+            return obj
+        for found in self.broadcast("get_object", (object_id,)):
+            if found is not None:
+                return found
+        raise ObjectDoesNotExistError(
+            object_id, f"none of the job's {len(self.backends)} backends holds it"
+        )
+
+    def _locate(self, object_id: uuid.UUID) -> uuid.UUID:
+        for found in self.broadcast("locate", (object_id,)):
+            if found is not None:
+                return found
+        raise ObjectDoesNotExistError(
+            object_id, f"none of the job's {len(self.backends)} backends holds it"
+        )
+
+    def sync(self, obj: DataClayObject) -> None:
+        """Refresh ``obj._dc_meta`` from its backend."""
+        meta = self.object_request(obj, "metadata")
+        obj.__dict__["_dc_meta"] = meta
+
+    def move(
+        self,
+        obj: DataClayObject,
+        backend_id: uuid.UUID | str,
+        recursive: bool,
+        remotes: bool,
+    ) -> None:
+        """Move a persistent object to another backend."""
+        target = self.backend_id(backend_id)
+        new_master = self.object_request(obj, "move", target, recursive, remotes)
+        obj._dc_meta.master_backend_id = new_master
+
+    def flush_all(self) -> int:
+        """Make every backend write its objects to its store and drop them."""
+        return sum(self.broadcast("flush"))
+
+
+class _Moved(Exception):
+    def __init__(self, backend_id: uuid.UUID) -> None:
+        super().__init__(backend_id)
+        self.backend_id = backend_id
+
+
+def _unregister(objects: list[DataClayObject]) -> None:
+    for obj in objects:
+        state = obj.__dict__
+        state["_dc_is_registered"] = False
+        state["_dc_meta"].master_backend_id = None
+
+
+def _became_remote(objects: list[DataClayObject]) -> None:
+    for obj in objects:
+        obj._dc_drop_state()
+        state = obj.__dict__
+        state["_dc_is_local"] = False
+        state["_dc_is_loaded"] = False
+        heap_add(obj)

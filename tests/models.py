@@ -1,0 +1,148 @@
+"""Model classes the tests make persistent (backends import them from here)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+
+from dataclay_hpc import DataClayObject, activemethod
+
+
+class Person(DataClayObject):
+    name: str
+    age: int
+    nickname: str = "none"
+
+    def __init__(self, name: str, age: int) -> None:
+        self.name = name
+        self.age = age
+        self.scratch = "transient"
+
+    @activemethod
+    def birthday(self) -> int:
+        self.age += 1
+        return self.age
+
+    @activemethod
+    def where(self) -> tuple[int, bool]:
+        return os.getpid(), self._dc_is_local
+
+    @activemethod
+    async def shout(self) -> str:
+        return self.name.upper()
+
+    @activemethod
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    @activemethod
+    def crash(self, code: int) -> None:
+        os._exit(code)
+
+    @activemethod
+    def get_scratch(self) -> Any:
+        return getattr(self, "scratch", None)
+
+    @activemethod
+    def give_lock(self) -> Any:
+        return threading.Lock()
+
+    def plain_method(self) -> str:
+        return f"{self.name} ({self.age})"
+
+
+class Node(DataClayObject):
+    value: int
+    next: Node | None
+    kind: ClassVar[str] = "node"
+
+    def __init__(self, value: int, next: Node | None = None) -> None:
+        self.value = value
+        self.next = next
+
+    @activemethod
+    def length(self) -> int:
+        count, node = 0, self
+        while node is not None:
+            count += 1
+            node = node.next
+        return count
+
+    @activemethod
+    def total(self) -> int:
+        total, node, seen = 0, self, set()
+        while node is not None and node._dc_meta.id not in seen:
+            seen.add(node._dc_meta.id)
+            total += node.value
+            node = node.next
+        return total
+
+
+class Company(DataClayObject):
+    name: str
+    people: list
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.people = []
+
+    @activemethod
+    def hire(self, name: str, age: int) -> Person:
+        person = Person(name, age)
+        self.people = [*self.people, person]
+        return person
+
+    @activemethod
+    def add(self, person: Person) -> int:
+        self.people = [*self.people, person]
+        return len(self.people)
+
+    @activemethod
+    def ages(self) -> list[int]:
+        return [p.age for p in self.people]
+
+    @activemethod
+    def birthdays(self) -> list[int]:
+        return [p.birthday() for p in self.people]
+
+    @activemethod
+    def where_people(self) -> list[Any]:
+        return [p._dc_meta.master_backend_id for p in self.people]
+
+
+class Matrix(DataClayObject):
+    data: np.ndarray
+    label: str
+
+    def __init__(self, data: np.ndarray, label: str = "m") -> None:
+        self.data = data
+        self.label = label
+
+    @activemethod
+    def sum(self) -> float:
+        return float(self.data.sum())
+
+
+class Custom(DataClayObject):
+    """Keeps its state through __getstate__/__setstate__."""
+
+    value: int
+    restored: int
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.restored = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"packed": self.value}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.value = state["packed"]
+        self.restored = 1
+
+    @activemethod
+    def read(self) -> tuple[int, int]:
+        return self.value, self.restored

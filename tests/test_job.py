@@ -1,0 +1,320 @@
+"""The launcher and the job's life: roles, exit codes, failures, signals, security."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import DATACLAY_HPC, MPIEXEC, run
+from models import Person
+
+from dataclay_hpc import Client
+from dataclay_hpc.exceptions import BackendUnavailableError
+from dataclay_hpc.transport import Connection
+
+PYTHON = sys.executable
+
+DRIVER = """
+import os, sys
+from dataclay_hpc import Client
+from models import Person
+with Client() as client:
+    backends = client.get_backends()
+    person = Person("drv", 1)
+    person.make_persistent(alias="drv", backend_id=list(backends)[-1])
+    assert Person.get_by_alias("drv").birthday() == 2
+    job_dir = os.environ["DATACLAY_HPC_JOB"]
+    mode = os.stat(os.path.join(job_dir, "secret")).st_mode & 0o777
+    print(f"backends={len(backends)} secret_mode={mode:o} job_dir={job_dir}")
+sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+"""
+
+
+def leftovers(marker: str) -> list[psutil.Process]:
+    """Processes whose command line mentions ``marker`` (besides this one)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if process.pid != os.getpid() and marker in " ".join(
+            process.info["cmdline"] or []
+        ):
+            found.append(process)
+    return found
+
+
+def wait_gone(marker: str, timeout_s: float = 20) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = leftovers(marker)
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return leftovers(marker)
+
+
+@pytest.fixture
+def driver(tmp_path) -> Path:
+    path = tmp_path / "driver.py"
+    path.write_text(DRIVER)
+    return path
+
+
+@pytest.mark.parametrize("backends", [1, 3], ids=["2ranks", "4ranks"])
+def test_run_launches_the_ranks_and_returns_the_drivers_exit_code(
+    driver, tmp_path, backends
+):
+    storage = tmp_path / "store"
+    result = run(
+        [
+            DATACLAY_HPC,
+            "run",
+            "--backends",
+            str(backends),
+            "--storage",
+            str(storage),
+            "--",
+            PYTHON,
+            str(driver),
+            "3",
+        ]
+    )
+    assert result.returncode == 3, result.stderr
+    assert f"backends={backends} secret_mode=600" in result.stdout
+    job_dir = result.stdout.split("job_dir=")[1].split()[0]
+    assert not os.path.exists(job_dir)  # the job folder goes with the job
+    assert result.stderr == ""
+    assert wait_gone(str(storage)) == []
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ranks_started_by_mpiexec_take_their_role(driver, tmp_path, ranks):
+    storage = tmp_path / "store"
+    result = run(
+        [
+            MPIEXEC,
+            "-n",
+            str(ranks),
+            PYTHON,
+            "-m",
+            "dataclay_hpc",
+            "run",
+            "--storage",
+            str(storage),
+            "--",
+            PYTHON,
+            str(driver),
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"backends={ranks - 1} " in result.stdout
+
+
+def test_python_m_is_the_same_command(driver, tmp_path):
+    result = run(
+        [
+            PYTHON,
+            "-m",
+            "dataclay_hpc",
+            "run",
+            "--storage",
+            str(tmp_path),
+            "--",
+            PYTHON,
+            str(driver),
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backends=2 " in result.stdout  # DATACLAY_HPC_BACKENDS default
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--backends", "0", "--", "true"], "at least 1; got '0'"),
+        (["--backends", "two", "--", "true"], "got 'two'"),
+        ([], "run needs a command"),
+    ],
+)
+def test_bad_arguments_are_refused_with_the_fix(arguments, message):
+    result = run([DATACLAY_HPC, "run", *arguments], timeout_s=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_a_world_that_does_not_fit_is_refused_at_once(tmp_path):
+    started = time.monotonic()
+    result = run(
+        [
+            MPIEXEC,
+            "-n",
+            "3",
+            PYTHON,
+            "-m",
+            "dataclay_hpc",
+            "run",
+            "--backends",
+            "4",
+            "--storage",
+            str(tmp_path),
+            "--",
+            "true",
+        ],
+        timeout_s=60,
+    )
+    assert result.returncode != 0
+    assert "--backends 4 needs 5 ranks" in result.stderr
+    assert "start it with -n 5" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_a_driver_that_cannot_start(tmp_path):
+    result = run(
+        [DATACLAY_HPC, "run", "--storage", str(tmp_path), "--", str(tmp_path / "nope")]
+    )
+    assert result.returncode == 127
+    assert "cannot start the driver" in result.stdout + result.stderr
+
+
+def test_an_error_on_the_ranks_ends_the_job_naming_rank_and_host(driver, tmp_path):
+    started = time.monotonic()
+    result = run(
+        [DATACLAY_HPC, "run", "--storage", str(tmp_path), "--", PYTHON, str(driver)],
+        env=dict(os.environ, DATACLAY_HPC_INTERFACE="no-such-nic0"),
+    )
+    assert result.returncode != 0
+    assert f"on host {socket.gethostname()} failed" in result.stderr
+    assert "no-such-nic0" in result.stderr and "interfaces here:" in result.stderr
+    assert time.monotonic() - started < 30
+    assert wait_gone(str(tmp_path)) == []
+
+
+def test_a_crashed_backend_ends_the_whole_job(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import time\n"
+        "from dataclay_hpc import Client\n"
+        "from models import Person\n"
+        "client = Client().start()\n"
+        "person = Person('x', 1)\n"
+        "person.make_persistent(backend_id=list(client.get_backends())[0])\n"
+        "try:\n"
+        "    person.crash(9)\n"
+        "except Exception as exc:\n"
+        "    print('driver saw', type(exc).__name__, exc, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    result = run(
+        [DATACLAY_HPC, "run", "--storage", str(tmp_path), "--", PYTHON, str(script)]
+    )
+    assert result.returncode != 0
+    assert time.monotonic() - started < 30
+    assert wait_gone(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_stops_every_rank_cleanly(tmp_path, signum):
+    script = tmp_path / "sleepy.py"
+    script.write_text(
+        "import time\n"
+        "from dataclay_hpc import Client\n"
+        "client = Client().start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    process = subprocess.Popen(
+        [
+            DATACLAY_HPC,
+            "run",
+            "--backends",
+            "3",
+            "--storage",
+            str(tmp_path),
+            "--",
+            PYTHON,
+            str(script),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)  # Ctrl-C reaches the whole group
+        else:
+            process.send_signal(signum)
+        code = process.wait(timeout=60)
+        assert time.monotonic() - started < 20
+        assert code == 128 + signum or code == 128 + signal.SIGTERM
+        stderr = process.stderr.read()
+        # the driver may show its own KeyboardInterrupt; the job itself stays quiet
+        assert "dataclay_hpc" not in stderr and "ERROR" not in stderr, stderr
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert wait_gone(str(tmp_path)) == []
+
+
+def test_an_embedded_job_leaves_nothing_behind(tmp_path):
+    client = Client(backends=2, storage=str(tmp_path))
+    client.start()
+    job_dir = client.job_dir
+    pids = [info.pid for info in client.get_backends().values()]
+    client.stop()
+    assert not os.path.exists(job_dir)
+    assert wait_gone(str(tmp_path)) == []
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_an_embedded_job_ends_when_its_client_process_dies(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(
+        "import os, time\n"
+        "from dataclay_hpc import Client\n"
+        "client = Client().start()\n"
+        "print('ready', flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    result = run(
+        [PYTHON, str(script)], env=dict(os.environ, DATACLAY_HPC_STORAGE=str(tmp_path))
+    )
+    assert result.returncode == -9 and "ready" in result.stdout
+    assert wait_gone(str(tmp_path), timeout_s=30) == []
+
+
+def test_a_peer_without_the_secret_is_refused_before_anything_is_read(client):
+    info = next(iter(client.get_backends().values()))
+    with pytest.raises(BackendUnavailableError, match="refused"):
+        Connection(info.address, b"wrong" * 7, "backend")
+    with socket.create_connection(info.address, timeout=10) as raw:
+        raw.recv(32)  # the challenge
+        raw.sendall(b"\x80\x05" + b"garbage" * 20)  # a pickle, not an answer
+        assert raw.recv(16) == b""  # dropped unread
+    person = Person("safe", 1)
+    person.make_persistent(backend_id=info.id)
+    assert person.age == 1
+
+
+def test_idle_backends_use_next_to_no_cpu(client):
+    processes = [psutil.Process(info.pid) for info in client.get_backends().values()]
+    before = [sum(p.cpu_times()[:2]) for p in processes]
+    time.sleep(2.0)
+    after = [sum(p.cpu_times()[:2]) for p in processes]
+    for start, end in zip(before, after, strict=True):
+        assert (end - start) / 2.0 < 0.05
+
+
+def test_the_secret_file_is_private(client):
+    secret = Path(client.job_dir) / "secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
