@@ -133,13 +133,20 @@ class Backend:
             for name in dir(self)
             if name.startswith("_op_")
         }
-        self.server = RequestServer(self.handle, secret, bind_host, f"backend-{rank}")
+        self.server = RequestServer(
+            self.handle,
+            secret,
+            bind_host,
+            f"backend-{rank}",
+            local_address=f"dataclay-hpc-{self.backend_id}",
+        )
         self.info = BackendInfo(
             id=self.backend_id,
             rank=rank,
             host=self.host,
             address=(advertise_host, self.server.address[1]),
             pid=os.getpid(),
+            local_address=self.server.local_address,
         )
 
     # -- lifecycle -----------------------------------------------------------------

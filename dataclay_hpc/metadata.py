@@ -36,6 +36,17 @@ class ObjectMetadata:
     original_object_id: uuid.UUID | None = None
     versions_object_ids: list[uuid.UUID] = dataclasses.field(default_factory=list)
 
+    def __reduce__(self) -> tuple[Any, tuple]:
+        # plain ints and strings: a dataclass's default reduction is ~4x slower
+        return _metadata, (
+            self.id.int,
+            self.class_name,
+            _int(self.master_backend_id),
+            self.dataset_name,
+            _int(self.original_object_id),
+            [v.int for v in self.versions_object_ids],
+        )
+
     def to_json(self) -> str:
         """Return the metadata as a JSON string (ids as text)."""
         out: dict[str, Any] = {}
@@ -49,6 +60,32 @@ class ObjectMetadata:
         return json.dumps(out)
 
 
+def _int(value: uuid.UUID | None) -> int | None:
+    return None if value is None else value.int
+
+
+def _uuid(value: int | None) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(int=value)
+
+
+def _metadata(
+    object_id: int,
+    class_name: str,
+    master_backend_id: int | None,
+    dataset_name: str | None,
+    original_object_id: int | None,
+    versions_object_ids: list[int],
+) -> ObjectMetadata:
+    return ObjectMetadata(
+        uuid.UUID(int=object_id),
+        class_name,
+        _uuid(master_backend_id),
+        dataset_name,
+        _uuid(original_object_id),
+        [uuid.UUID(int=v) for v in versions_object_ids],
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendInfo:
     """One backend rank of a job.
@@ -59,6 +96,7 @@ class BackendInfo:
         host: Host name the rank runs on.
         address: ``(ip, port)`` its request server listens on.
         pid: Process id of the rank.
+        local_address: Abstract Unix socket name for peers on the same host.
     """
 
     id: uuid.UUID
@@ -66,6 +104,7 @@ class BackendInfo:
     host: str
     address: tuple[str, int]
     pid: int
+    local_address: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict."""
@@ -75,6 +114,7 @@ class BackendInfo:
             "host": self.host,
             "address": list(self.address),
             "pid": self.pid,
+            "local_address": self.local_address,
         }
 
     @classmethod
@@ -86,4 +126,5 @@ class BackendInfo:
             host=str(data["host"]),
             address=(str(data["address"][0]), int(data["address"][1])),
             pid=int(data["pid"]),
+            local_address=data.get("local_address"),
         )

@@ -99,6 +99,23 @@ def heap_get_or_create(
     return obj
 
 
+# reductions by exact type for the job's picklers (filled by serialization);
+# every DataClayObject subclass maps to the reducer that writes a reference
+PICKLE_DISPATCH: dict[type, Callable[[Any], Any]] = {}
+_object_reducer: Callable[[Any], Any] | None = None
+
+
+def set_object_reducer(reducer: Callable[[Any], Any]) -> None:
+    """Install the function that pickles a ``DataClayObject`` as a reference."""
+    global _object_reducer
+    _object_reducer = reducer
+
+
+def _reduce_object(obj: Any) -> Any:
+    assert _object_reducer is not None
+    return _object_reducer(obj)
+
+
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -249,6 +266,7 @@ class _DataClayMeta(type):
                 if attr not in inherited:
                     inherited.append(attr)
         cls._dc_properties = tuple(inherited + [a for a in own if a not in inherited])
+        PICKLE_DISPATCH[cls] = _reduce_object
         return cls
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import pickle
 import random
+import socket
 import threading
 import uuid
 import zlib
@@ -35,6 +36,7 @@ __all__ = ["Runtime"]
 
 logger = logging.getLogger(__name__)
 
+_HOST = socket.gethostname()
 # answers a backend sends back
 OK, ERROR, MOVED = 0, 1, 2
 # what pickling raises for a value that cannot be pickled
@@ -96,7 +98,10 @@ class Runtime:
                 )
             info = self.backends[backend_id]
             connection = Connection(
-                info.address, self._secret, f"backend rank {info.rank}"
+                info.address,
+                self._secret,
+                f"backend rank {info.rank}",
+                info.local_address if info.host == _HOST else None,
             )
             connections[backend_id] = connection
             with self._connections_lock:

@@ -20,7 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from .exceptions import ClassImportError, DataClayException
-from .object import DataClayObject, heap_get_or_create
+from .object import (
+    PICKLE_DISPATCH,
+    DataClayObject,
+    heap_get_or_create,
+    set_object_reducer,
+)
 
 __all__ = ["ClassImportError", "Record", "dumps", "loads"]
 
@@ -28,8 +33,9 @@ Record = tuple[uuid.UUID, type, Any, Any]
 """One object shipped with a request: (id, class, metadata, state)."""
 
 
-def _reference(object_id: uuid.UUID, cls: type, backend_id: uuid.UUID | None):
-    return heap_get_or_create(object_id, cls, backend_id)
+def _reference(object_id: int, cls: type, backend_id: int | None):
+    backend = None if backend_id is None else _uuid(backend_id)
+    return heap_get_or_create(uuid.UUID(int=object_id), cls, backend)
 
 
 # backend ids recur in every reference: keep one UUID object per value
@@ -53,10 +59,38 @@ def _reduce_uuid(value: uuid.UUID) -> tuple[Any, tuple[int]]:
     return _uuid, (value.int,)
 
 
+# the pickler dumping on each thread right now, for _reduce_object
+_dumping = threading.local()
+
+
+def _reduce_object(obj: DataClayObject) -> Any:
+    pickler = _dumping.pickler
+    state = obj.__dict__
+    meta = state["_dc_meta"]
+    if not state["_dc_is_registered"]:
+        pickler.register(obj)
+        pickler.new_objects.append(obj)
+    backend_id = meta.master_backend_id
+    # ids as plain ints: no reduction of their own, ~6 us less per reference
+    return _reference, (
+        meta.id.int,
+        type(obj),
+        None if backend_id is None else backend_id.int,
+    )
+
+
+# Reductions by exact type, looked up in C. Every DataClayObject subclass is
+# added as it is created, so no Python hook runs for the other objects of a
+# message (a reducer_override would run for every function and class too).
+PICKLE_DISPATCH.update(copyreg.dispatch_table)
+PICKLE_DISPATCH[uuid.UUID] = _reduce_uuid
+set_object_reducer(_reduce_object)
+
+
 class _Pickler(pickle.Pickler):
     """Writes persistent objects as references; reusable through ``reset``."""
 
-    dispatch_table = {**copyreg.dispatch_table, uuid.UUID: _reduce_uuid}
+    dispatch_table = PICKLE_DISPATCH
 
     def __init__(
         self, file: io.BytesIO, buffers: list[Any] | None, register: Any
@@ -69,15 +103,14 @@ class _Pickler(pickle.Pickler):
         self.register = register
         self.new_objects: list[DataClayObject] = []
 
-    def reducer_override(self, obj: Any) -> Any:
-        if not isinstance(obj, DataClayObject):
-            return NotImplemented
-        state = obj.__dict__
-        meta = state["_dc_meta"]
-        if not state["_dc_is_registered"]:
-            self.register(obj)
-            self.new_objects.append(obj)
-        return _reference, (meta.id, type(obj), meta.master_backend_id)
+    def dump(self, obj: Any) -> None:
+        """Pickle ``obj``; persistent objects become references."""
+        previous = getattr(_dumping, "pickler", None)
+        _dumping.pickler = self
+        try:
+            super().dump(obj)
+        finally:
+            _dumping.pickler = previous
 
 
 class _MessagePickler(_Pickler):

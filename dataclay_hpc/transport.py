@@ -108,6 +108,20 @@ def _recv_frame(rfile) -> Frame | None:
     return payload, count, [_read_buffer(rfile, n) for n in sizes]
 
 
+def _connect(address: tuple[str, int], local_address: str | None) -> socket.socket:
+    if local_address is not None:
+        # same host: a Unix socket saves ~40 % of a small round trip over TCP
+        # loopback; where it is not reachable (another network namespace), TCP
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect("\0" + local_address)
+            return sock
+        except OSError:
+            sock.close()
+    return socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
+
+
 class Connection:
     """One authenticated connection to a request server, for one thread.
 
@@ -117,11 +131,17 @@ class Connection:
         name: What the server is, for error messages (e.g. ``backend 2``).
     """
 
-    def __init__(self, address: tuple[str, int], secret: bytes, name: str) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        secret: bytes,
+        name: str,
+        local_address: str | None = None,
+    ) -> None:
         self.address = address
         self.name = name
         try:
-            sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
+            sock = _connect(address, local_address)
         except OSError as exc:
             raise BackendUnavailableError(
                 f"{name} at {address[0]}:{address[1]} cannot be reached ({exc}); "
@@ -130,7 +150,8 @@ class Connection:
             ) from exc
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             rfile = sock.makefile("rb")
             nonce = _read_exact(rfile, _NONCE_BYTES)
             sock.sendall(_digest(secret, nonce))
@@ -202,29 +223,51 @@ class RequestServer:
         secret: The job's secret, checked before any message is read.
         host: Address to bind.
         name: Used for thread names and logs.
+        local_address: Also listen on this abstract Unix socket name, for peers
+            on the same host.
     """
 
-    def __init__(self, handler: Handler, secret: bytes, host: str, name: str) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        secret: bytes,
+        host: str,
+        name: str,
+        local_address: str | None = None,
+    ) -> None:
         self._handler = handler
         self._secret = secret
         self._name = name
-        self._listener = socket.create_server((host, 0))
-        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._listeners = [socket.create_server((host, 0))]
+        self.address: tuple[str, int] = self._listeners[0].getsockname()[:2]
+        self.local_address = local_address
+        if local_address is not None:
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            unix.bind("\0" + local_address)
+            unix.listen()
+            self._listeners.append(unix)
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(
-            target=self._accept_loop, name=f"{name}-accept", daemon=True
-        )
+        self._threads = [
+            threading.Thread(
+                target=self._accept_loop,
+                args=(listener,),
+                name=f"{name}-accept-{index}",
+                daemon=True,
+            )
+            for index, listener in enumerate(self._listeners)
+        ]
 
     def start(self) -> None:
-        """Start accepting connections in a background thread."""
-        self._thread.start()
+        """Start accepting connections in background threads."""
+        for thread in self._threads:
+            thread.start()
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, peer = self._listener.accept()
+                sock, peer = listener.accept()
             except OSError:
                 if self._closed:
                     return
@@ -237,7 +280,7 @@ class RequestServer:
             threading.Thread(
                 target=self._serve,
                 args=(sock, peer),
-                name=f"{self._name}-conn-{peer[1]}",
+                name=f"{self._name}-connection",
                 daemon=True,
             ).start()
 
@@ -255,7 +298,8 @@ class RequestServer:
     def _serve(self, sock: socket.socket, peer) -> None:
         rfile = sock.makefile("rb")
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._authenticate(sock, rfile):
                 logger.warning(
                     "%s refused a peer without the job secret: %s", self._name, peer
@@ -281,14 +325,12 @@ class RequestServer:
         with self._lock:
             self._closed = True
             connections = list(self._connections)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        for sock in connections:
+        for sock in [*self._listeners, *connections]:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._thread.join(timeout=5)
+        for listener in self._listeners:
+            listener.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
