@@ -418,7 +418,7 @@ class Backend:
         if entry is None:
             raise AliasDoesNotExistError(alias, dataset)
         object_id, cls, backend_id = entry
-        return heap_get_or_create(object_id, cls, backend_id)
+        return heap_get_or_create(object_id, cls, backend_id, dataset)
 
     def _op_delete_alias(self, records: list, dataset: str, alias: str) -> None:
         with self._aliases_lock:

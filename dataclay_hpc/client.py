@@ -17,10 +17,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import weakref
 from types import TracebackType
+from typing import ClassVar
 
 from . import serialization
 from .context import (
@@ -40,6 +42,7 @@ from .job import (
     backends_of,
     check_backends,
     default_backends,
+    default_storage,
     rank_arguments,
     read_job,
 )
@@ -85,6 +88,7 @@ class Client:
         self.session: Session | None = None
         self._embedded: _EmbeddedJob | None = None
         self.job_dir: str | None = None
+        self.storage: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -109,10 +113,11 @@ class Client:
             return self
         job_dir = os.environ.get(ENV_JOB)
         if job_dir is None:
-            self._embedded = _EmbeddedJob(self._backends, self._storage)
+            self._embedded = _EmbeddedJob.join(self._backends, self._storage)
             job_dir = self._embedded.job_dir
         description, secret = read_job(job_dir)
         self.job_dir = job_dir
+        self.storage = description["storage"]
         self.runtime = Runtime(description["job_id"], secret, backends_of(description))
         self.session = Session(self.runtime, self.username, self.dataset)
         set_session(self.session)
@@ -139,7 +144,7 @@ class Client:
             if current_session() is self.session:
                 set_session(None)
         if self._embedded is not None:
-            self._embedded.stop()
+            self._embedded.leave()
             self._embedded = None
 
     def __enter__(self) -> Client:
@@ -188,10 +193,40 @@ class Client:
 
 
 class _EmbeddedJob:
-    """A job of this process's own: ``dataclay-hpc run`` without a command."""
+    """A job of this process's own: ``dataclay-hpc run`` without a command.
 
-    def __init__(self, backends: int | None, storage: str | None) -> None:
-        backends = backends or default_backends()
+    Clients of one process that ask for the same backends and store share one
+    embedded job; it stops when the last of them stops.
+    """
+
+    _lock = threading.Lock()
+    _running: ClassVar[dict[tuple[int, str], _EmbeddedJob]] = {}
+
+    @classmethod
+    def join(cls, backends: int | None, storage: str | None) -> _EmbeddedJob:
+        key = (
+            backends or default_backends(),
+            os.path.abspath(storage or default_storage()),
+        )
+        with cls._lock:
+            job = cls._running.get(key)
+            if job is None or job.process.poll() is not None:
+                job = cls._running[key] = cls(*key)
+            job.clients += 1
+            return job
+
+    def leave(self) -> None:
+        with self._lock:
+            self.clients -= 1
+            if self.clients > 0:
+                return
+            for key, job in list(self._running.items()):
+                if job is self:
+                    del self._running[key]
+        self._finalizer()
+
+    def __init__(self, backends: int, storage: str) -> None:
+        self.clients = 0
         self.job_dir = tempfile.mkdtemp(prefix="dataclay-hpc-embedded-")
         options = JobOptions(
             command=[],
@@ -242,9 +277,6 @@ class _EmbeddedJob:
                     "mpiexec -n 2 python -c pass"
                 )
             time.sleep(0.02)
-
-    def stop(self) -> None:
-        self._finalizer()
 
 
 def _ask_to_stop(job_dir: str) -> None:

@@ -74,12 +74,26 @@ def heap_add(obj: DataClayObject) -> None:
     _proxies[obj.__dict__["_dc_meta"].id] = obj
 
 
+def heap_remove(obj: DataClayObject) -> None:
+    """Forget ``obj`` as this process's object for its id."""
+    object_id = obj.__dict__["_dc_meta"].id
+    if _proxies.get(object_id) is obj:
+        del _proxies[object_id]
+
+
 def heap_get_or_create(
-    object_id: uuid.UUID, cls: type, backend_id: uuid.UUID | None
+    object_id: uuid.UUID,
+    cls: type,
+    backend_id: uuid.UUID | None,
+    dataset_name: str | None = None,
 ) -> DataClayObject:
     """Return this process's object for an id, making a proxy when it has none."""
     obj = heap_lookup(object_id)
     if obj is not None:
+        if dataset_name is not None:
+            meta = obj.__dict__["_dc_meta"]
+            if meta.dataset_name is None:
+                meta.dataset_name = dataset_name
         return obj
     with _heap_lock:
         obj = heap_lookup(object_id)
@@ -90,6 +104,7 @@ def heap_get_or_create(
                     id=object_id,
                     class_name=_class_path(cls),
                     master_backend_id=backend_id,
+                    dataset_name=dataset_name,
                 ),
                 _dc_is_registered=True,
                 _dc_is_local=False,
@@ -217,7 +232,10 @@ def activemethod(func: F) -> F:
 
         @functools.wraps(func)
         async def async_wrapper(self: DataClayObject, *args: Any, **kwargs: Any) -> Any:
-            if self.__dict__["_dc_is_local"]:
+            state = self.__dict__
+            if state["_dc_is_local"]:
+                if not state["_dc_is_loaded"]:
+                    _ensure_loaded(self)
                 return await func(self, *args, **kwargs)
             runtime = current_session().runtime
             # to_thread copies the context, so the session follows the call
@@ -230,7 +248,10 @@ def activemethod(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(self: DataClayObject, *args: Any, **kwargs: Any) -> Any:
-        if self.__dict__["_dc_is_local"]:
+        state = self.__dict__
+        if state["_dc_is_local"]:
+            if not state["_dc_is_loaded"]:
+                _ensure_loaded(self)  # transient attributes come back too
             return func(self, *args, **kwargs)
         return current_session().runtime.call_active_method(self, name, args, kwargs)
 
@@ -489,8 +510,9 @@ class DataClayObject(metaclass=_DataClayMeta):
             remotes: With ``recursive``, also move referents held by other
                 backends than this object's.
 
+        A volatile object is made persistent on ``backend_id`` instead.
+
         Raises:
-            ObjectNotRegisteredError: The object is volatile.
             BackendDoesNotExistError: ``backend_id`` is not a backend of the job.
         """
         if not self._dc_is_registered:

@@ -29,7 +29,7 @@ from .exceptions import (
     RemoteTraceback,
 )
 from .metadata import BackendInfo
-from .object import DataClayObject, heap_add, heap_lookup
+from .object import DataClayObject, heap_add, heap_lookup, heap_remove
 from .transport import Connection
 
 __all__ = ["Runtime"]
@@ -189,6 +189,8 @@ class Runtime:
             if meta.dataset_name is None:
                 meta.dataset_name = dataset
             obj.__dict__["_dc_is_registered"] = True
+            # before the request: an answer that refers to it must find it
+            heap_add(obj)
 
         return register
 
@@ -349,6 +351,7 @@ class _Moved(Exception):
 
 def _unregister(objects: list[DataClayObject]) -> None:
     for obj in objects:
+        heap_remove(obj)
         state = obj.__dict__
         state["_dc_is_registered"] = False
         state["_dc_meta"].master_backend_id = None
@@ -360,4 +363,3 @@ def _became_remote(objects: list[DataClayObject]) -> None:
         state = obj.__dict__
         state["_dc_is_local"] = False
         state["_dc_is_loaded"] = False
-        heap_add(obj)

@@ -24,6 +24,7 @@ from .object import (
     PICKLE_DISPATCH,
     DataClayObject,
     heap_get_or_create,
+    process_backend,
     set_object_reducer,
 )
 
@@ -33,9 +34,11 @@ Record = tuple[uuid.UUID, type, Any, Any]
 """One object shipped with a request: (id, class, metadata, state)."""
 
 
-def _reference(object_id: int, cls: type, backend_id: int | None):
+def _reference(
+    object_id: int, cls: type, backend_id: int | None, dataset_name: str | None
+):
     backend = None if backend_id is None else _uuid(backend_id)
-    return heap_get_or_create(uuid.UUID(int=object_id), cls, backend)
+    return heap_get_or_create(uuid.UUID(int=object_id), cls, backend, dataset_name)
 
 
 # backend ids recur in every reference: keep one UUID object per value
@@ -68,6 +71,12 @@ def _reduce_object(obj: DataClayObject) -> Any:
     state = obj.__dict__
     meta = state["_dc_meta"]
     if not state["_dc_is_registered"]:
+        cls = type(obj)
+        if cls.__module__ == "__main__" and process_backend() is None:
+            raise ClassImportError(
+                f"class {cls.__qualname__} is defined in the script's __main__, which "
+                "the backends cannot import: move the class into a module"
+            )
         pickler.register(obj)
         pickler.new_objects.append(obj)
     backend_id = meta.master_backend_id
@@ -76,6 +85,7 @@ def _reduce_object(obj: DataClayObject) -> Any:
         meta.id.int,
         type(obj),
         None if backend_id is None else backend_id.int,
+        meta.dataset_name,
     )
 
 
@@ -149,7 +159,7 @@ def _take_pickler() -> _MessagePickler:
 def class_import_error(exc: BaseException) -> ClassImportError:
     """Explain an ``ImportError``/``AttributeError`` met while unpickling."""
     module = getattr(exc, "name", None)
-    if module == "__main__" or "'__main__'" in str(exc):
+    if module == "__main__" or "__main__'" in str(exc):
         hint = (
             "classes defined in a script's __main__ cannot be imported elsewhere: "
             "move the class into a module"

@@ -2,14 +2,17 @@
 
 Layout, readable with plain h5py::
 
-    /objects/<object id>            group, attribute "class" = dotted class path
-    /objects/<object id>/state      uint8 dataset: the pickled state
-    /objects/<object id>/array_<i>  native dataset for the i-th numpy array
+    /states            uint8 dataset: pickled states, one after another
+    /index             table, one row per object: id, offset and length of its
+                       state in /states, dotted class path, number of arrays
+    /arrays/<id>/<i>   the i-th numeric numpy array of an object, native
 
-Numeric numpy arrays held by an object are written as native HDF5 datasets and
-come back as numpy arrays; everything else is pickled. References to other
-persistent objects are stored as references, never as copies. HDF5 is not
-thread-safe, so one lock guards the file.
+Numeric numpy arrays held by an object are native HDF5 datasets and come back
+as numpy arrays; everything else is pickled, with references (never copies) to
+other persistent objects. States are appended in one write per flush: an HDF5
+group per object costs ~0.6 ms, which made flushing 100 000 small objects take
+a minute. Space left by rewritten states is reclaimed when it exceeds the live
+data. HDF5 is not thread-safe, so one lock guards the file.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ logger = logging.getLogger(__name__)
 
 # numpy kinds h5py stores natively: bool, signed, unsigned, float, complex
 _NATIVE_KINDS = frozenset("biufc")
+_INDEX_DTYPE = numpy.dtype(
+    [
+        ("id", "S36"),
+        ("offset", "<u8"),
+        ("length", "<u8"),
+        ("class", h5py.string_dtype()),
+        ("arrays", "<u4"),
+    ]
+)
+# rewrite /states once dead bytes exceed live bytes by this much
+_COMPACT_SLACK_BYTES = 1 << 20
 
 
 class _StorePickler(_Pickler):
@@ -61,6 +75,9 @@ class _StoreUnpickler(pickle.Unpickler):
 class Store:
     """The HDF5 file of one backend.
 
+    ``write`` keeps a state in memory; ``flush`` puts every written state in
+    the file. ``read`` sees both.
+
     Args:
         path: The file; created (with its folder) if missing.
         register: Called for a volatile object met while pickling a state, so it
@@ -73,24 +90,31 @@ class Store:
         self._register = register
         self._lock = threading.Lock()
         self._file = h5py.File(path, "a")
-        self._objects = self._file.require_group("objects")
-        logger.info("store %s opened (%d objects)", path, len(self._objects))
+        if "states" not in self._file:
+            self._file.create_dataset(
+                "states", shape=(0,), maxshape=(None,), dtype=numpy.uint8, chunks=True
+            )
+        self._states = self._file["states"]
+        # object id -> (offset, length, class path, number of arrays)
+        self._index: dict[uuid.UUID, tuple[int, int, str, int]] = {}
+        if "index" in self._file:
+            for row in self._file["index"][()]:
+                self._index[uuid.UUID(row["id"].decode())] = (
+                    int(row["offset"]),
+                    int(row["length"]),
+                    _text(row["class"]),
+                    int(row["arrays"]),
+                )
+        self._pending: dict[uuid.UUID, tuple[str, bytes, list[numpy.ndarray]]] = {}
+        logger.info("store %s opened (%d objects)", path, len(self._index))
 
     def write(self, object_id: uuid.UUID, class_path: str, state: Any) -> None:
-        """Write (or overwrite) one object's state."""
+        """Take one object's state; it reaches the file at the next ``flush``."""
         file = io.BytesIO()
         pickler = _StorePickler(file, self._register)
         pickler.dump(state)
-        data = numpy.frombuffer(file.getbuffer(), dtype=numpy.uint8)
-        key = str(object_id)
         with self._lock:
-            if key in self._objects:
-                del self._objects[key]
-            group = self._objects.create_group(key)
-            group.attrs["class"] = class_path
-            group.create_dataset("state", data=data)
-            for index, array in enumerate(pickler.arrays):
-                group.create_dataset(f"array_{index}", data=array)
+            self._pending[object_id] = (class_path, file.getvalue(), pickler.arrays)
 
     def read(self, object_id: uuid.UUID) -> Any:
         """Return the state written for ``object_id``.
@@ -98,34 +122,107 @@ class Store:
         Raises:
             KeyError: The store has no such object.
         """
-        key = str(object_id)
         with self._lock:
-            group = self._objects[key]
-            data = group["state"][()]
-            count = sum(1 for name in group if name.startswith("array_"))
-            arrays = [group[f"array_{i}"][()] for i in range(count)]
+            pending = self._pending.get(object_id)
+            if pending is not None:
+                _, data, arrays = pending
+            else:
+                offset, length, _, count = self._index[object_id]
+                data = self._states[offset : offset + length].tobytes()
+                group = self._file["arrays"][str(object_id)] if count else None
+                arrays = [group[str(i)][()] for i in range(count)] if group else []
         try:
-            return _StoreUnpickler(io.BytesIO(data.tobytes()), arrays).load()
+            return _StoreUnpickler(io.BytesIO(data), arrays).load()
         except (ImportError, AttributeError) as exc:
             raise class_import_error(exc) from exc
 
+    def delete(self, object_id: uuid.UUID) -> None:
+        """Forget an object (its bytes are reclaimed by a later compaction)."""
+        with self._lock:
+            self._pending.pop(object_id, None)
+            if self._index.pop(object_id, None) is not None:
+                self._drop_arrays(object_id)
+
     def __contains__(self, object_id: uuid.UUID) -> bool:
         with self._lock:
-            return str(object_id) in self._objects
+            return object_id in self._pending or object_id in self._index
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._objects)
+            return len(self._index.keys() | self._pending.keys())
 
     def flush(self) -> None:
-        """Push buffered writes to the file."""
+        """Write every state taken since the last flush to the file."""
         with self._lock:
+            if self._pending:
+                self._append(self._pending)
+                self._pending = {}
+            self._compact_if_sparse()
+            self._write_index()
             self._file.flush()
 
     def close(self) -> None:
         """Flush and close the file."""
+        if not self._file.id.valid:
+            return
+        self.flush()
         with self._lock:
-            if self._file.id.valid:
-                self._file.flush()
-                self._file.close()
-                logger.info("store %s closed", self.path)
+            self._file.close()
+        logger.info("store %s closed", self.path)
+
+    # -- under the lock ----------------------------------------------------------
+
+    def _append(self, states: dict[uuid.UUID, tuple[str, bytes, list]]) -> None:
+        start = self._states.shape[0]
+        blob = b"".join(data for _, data, _ in states.values())
+        self._states.resize((start + len(blob),))
+        if blob:
+            self._states[start:] = numpy.frombuffer(blob, dtype=numpy.uint8)
+        offset = start
+        for object_id, (class_path, data, arrays) in states.items():
+            self._drop_arrays(object_id)
+            if arrays:
+                group = self._file.require_group("arrays").create_group(str(object_id))
+                for index, array in enumerate(arrays):
+                    group.create_dataset(str(index), data=array)
+            self._index[object_id] = (offset, len(data), class_path, len(arrays))
+            offset += len(data)
+
+    def _drop_arrays(self, object_id: uuid.UUID) -> None:
+        arrays = self._file.get("arrays")
+        if arrays is not None and str(object_id) in arrays:
+            del arrays[str(object_id)]
+
+    def _compact_if_sparse(self) -> None:
+        live = sum(length for _, length, _, _ in self._index.values())
+        if self._states.shape[0] - live <= max(live, _COMPACT_SLACK_BYTES):
+            return
+        states = {
+            object_id: (class_path, self._states[o : o + n].tobytes(), count)
+            for object_id, (o, n, class_path, count) in self._index.items()
+        }
+        self._states.resize((0,))
+        offset = 0
+        blob = b"".join(data for _, data, _ in states.values())
+        self._states.resize((len(blob),))
+        if blob:
+            self._states[:] = numpy.frombuffer(blob, dtype=numpy.uint8)
+        for object_id, (class_path, data, count) in states.items():
+            self._index[object_id] = (offset, len(data), class_path, count)
+            offset += len(data)
+        logger.debug("store %s compacted to %d bytes", self.path, len(blob))
+
+    def _write_index(self) -> None:
+        table = numpy.empty(len(self._index), dtype=_INDEX_DTYPE)
+        if self._index:
+            rows = list(zip(*self._index.values(), strict=True))
+            table["id"] = [str(object_id).encode() for object_id in self._index]
+            table["offset"], table["length"] = rows[0], rows[1]
+            table["class"], table["arrays"] = rows[2], rows[3]
+        if "index" in self._file:
+            del self._file["index"]
+        self._file.create_dataset("index", data=table)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

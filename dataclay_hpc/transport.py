@@ -95,6 +95,8 @@ def _read_buffer(rfile, size: int):
 
 def _recv_frame(rfile) -> Frame | None:
     head = rfile.read(_HEAD.size)
+    if head is None:  # the kernel's receive timeout expired
+        raise TimeoutError("no answer within the request timeout")
     if not head:
         return None
     if len(head) != _HEAD.size:
@@ -163,7 +165,8 @@ class Connection:
             # a kernel timeout keeps the socket blocking: Python's own timeout
             # would poll() before every send and receive
             sock.settimeout(None)
-            timeout = struct.pack("ll", int(REQUEST_TIMEOUT_S), 0)
+            seconds = max(REQUEST_TIMEOUT_S, 0.001)  # 0 would mean no limit
+            timeout = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
         except (OSError, EOFError) as exc:
@@ -187,6 +190,13 @@ class Connection:
         try:
             _send_frame(self._sock, payload, count, buffers)
             frame = _recv_frame(self._rfile)
+        except (BlockingIOError, TimeoutError) as exc:
+            self.close()
+            raise BackendUnavailableError(
+                f"{self.name} at {self.address[0]}:{self.address[1]} did not answer "
+                f"within {REQUEST_TIMEOUT_S:g} s (DATACLAY_HPC_REQUEST_TIMEOUT_S); "
+                "raise that limit for longer active methods"
+            ) from exc
         except (OSError, EOFError) as exc:
             self.close()
             raise BackendUnavailableError(

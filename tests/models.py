@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +50,14 @@ class Person(DataClayObject):
     @activemethod
     def give_lock(self) -> Any:
         return threading.Lock()
+
+    @activemethod
+    def echo(self, value: Any) -> Any:
+        return value
+
+    @activemethod
+    def nap(self, seconds: float) -> None:
+        time.sleep(seconds)
 
     def plain_method(self) -> str:
         return f"{self.name} ({self.age})"
@@ -146,3 +155,26 @@ class Custom(DataClayObject):
     @activemethod
     def read(self) -> tuple[int, int]:
         return self.value, self.restored
+
+
+class Guarded(DataClayObject):
+    """Rebuilds a transient lock in __setstate__; methods use only the lock first."""
+
+    count: int
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.count = state["count"]
+        self.lock = threading.Lock()
+
+    @activemethod
+    def increment(self) -> int:
+        with self.lock:
+            self.count += 1
+            return self.count

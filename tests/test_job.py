@@ -318,3 +318,76 @@ def test_idle_backends_use_next_to_no_cpu(client):
 def test_the_secret_file_is_private(client):
     secret = Path(client.job_dir) / "secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_a_second_program_joins_a_running_job(client, backend_ids):
+    person = Person("Zoe", 3)
+    alias = f"zoe-{os.getpid()}-{time.monotonic_ns()}"
+    person.make_persistent(alias=alias, backend_id=backend_ids[-1])
+    script = (
+        "from dataclay_hpc import Client\n"
+        "from models import Person\n"
+        "with Client():\n"
+        f"    zoe = Person.get_by_alias({alias!r})\n"
+        "    print(zoe._dc_meta.dataset_name, sorted(zoe.get_aliases()), zoe.age)\n"
+        "    zoe.age = 4\n"
+    )
+    result = run(
+        [PYTHON, "-c", script], env=dict(os.environ, DATACLAY_HPC_JOB=client.job_dir)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["admin", f"['{alias}']", "3"]
+    assert person.age == 4
+
+
+def test_a_class_of_the_drivers_main_is_refused_with_the_fix(tmp_path):
+    script = tmp_path / "main_class.py"
+    script.write_text(
+        "from dataclay_hpc import Client, DataClayObject\n"
+        "from dataclay_hpc.exceptions import ClassImportError\n"
+        "class Local(DataClayObject):\n"
+        "    value: int\n"
+        "with Client():\n"
+        "    obj = Local()\n"
+        "    obj.value = 1\n"
+        "    try:\n"
+        "        obj.make_persistent()\n"
+        "    except ClassImportError as exc:\n"
+        "        print('refused:', exc)\n"
+        "    print('volatile:', not obj._dc_is_registered, obj.value)\n"
+    )
+    result = run(
+        [PYTHON, str(script)], env=dict(os.environ, DATACLAY_HPC_STORAGE=str(tmp_path))
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused: class Local is defined in the script's __main__" in result.stdout
+    assert "move the class into a module" in result.stdout
+    assert "volatile: True 1" in result.stdout
+
+
+def test_a_request_over_its_deadline_is_a_clear_error(tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "from dataclay_hpc import Client\n"
+        "from dataclay_hpc.exceptions import BackendUnavailableError\n"
+        "from models import Person\n"
+        "with Client():\n"
+        "    person = Person('slow', 1)\n"
+        "    person.make_persistent()\n"
+        "    try:\n"
+        "        person.nap(3)\n"
+        "    except BackendUnavailableError as exc:\n"
+        "        print('error:', exc)\n"
+        "    print('age', person.age)\n"
+    )
+    env = dict(
+        os.environ,
+        DATACLAY_HPC_STORAGE=str(tmp_path),
+        DATACLAY_HPC_REQUEST_TIMEOUT_S="0.5",
+    )
+    result = run([PYTHON, str(script)], env=env)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "did not answer within 0.5 s (DATACLAY_HPC_REQUEST_TIMEOUT_S)" in result.stdout
+    )
+    assert "age 1" in result.stdout

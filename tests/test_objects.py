@@ -10,7 +10,7 @@ import uuid
 import pytest
 from models import Company, Custom, Node, Person
 
-from dataclay_hpc import DataClayObject, StorageObject
+from dataclay_hpc import Client, DataClayObject, StorageObject
 from dataclay_hpc.exceptions import ObjectNotRegisteredError
 
 
@@ -222,3 +222,16 @@ def test_operations_on_volatile_objects_raise(client):
     ):
         with pytest.raises(ObjectNotRegisteredError, match="make_persistent"):
             call("x")
+
+
+def test_an_argument_that_comes_back_is_the_same_object(client):
+    person = Person("Rex", 1)
+    person.make_persistent()
+    newcomer = Person("Sam", 2)
+    assert person.echo(newcomer) is newcomer
+    assert person.echo([newcomer, newcomer]) == [newcomer, newcomer]
+
+
+def test_two_clients_of_one_process_share_the_embedded_job(client):
+    with Client(backends=len(client.get_backends()), storage=client.storage) as other:
+        assert other.get_backends() == client.get_backends()
