@@ -11,6 +11,7 @@ backend's HDF5 store and drops its state; the next access reloads it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import os
@@ -29,10 +30,17 @@ from .exceptions import (
     AliasDoesNotExistError,
     DataClayException,
     ObjectDoesNotExistError,
+    ObjectIsNotVersionError,
+    VersionConflictError,
 )
 from .metadata import BackendInfo
-from .object import DataClayObject, heap_get_or_create, set_process_backend
-from .runtime import ERROR, MOVED, OK, Runtime
+from .object import (
+    DataClayObject,
+    heap_add,
+    heap_get_or_create,
+    set_process_backend,
+)
+from .runtime import ERROR, MOVED, OK, REDIRECTED, Runtime
 from .store import Store
 from .transport import REQUEST_TIMEOUT_S, RequestServer
 
@@ -48,6 +56,12 @@ class _MovedAway(Exception):
     def __init__(self, backend_id: uuid.UUID) -> None:
         super().__init__(backend_id)
         self.backend_id = backend_id
+
+
+class _Redirect(Exception):
+    def __init__(self, original: DataClayObject) -> None:
+        super().__init__(original)
+        self.original = original
 
 
 class _RequestGate:
@@ -119,6 +133,12 @@ class Backend:
         self.objects: dict[uuid.UUID, DataClayObject] = {}
         self.aliases: dict[tuple[str, str], tuple[uuid.UUID, type, uuid.UUID]] = {}
         self.moved: dict[uuid.UUID, uuid.UUID] = {}
+        # consolidated versions: id -> the original, which requests go to
+        self.consolidated: dict[uuid.UUID, DataClayObject] = {}
+        self.discarded: set[uuid.UUID] = set()
+        # how many consolidations each original here has taken
+        self._consolidations: dict[uuid.UUID, int] = {}
+        self._version_lock = threading.Lock()
         self.runtime: Runtime | None = None
         self.stopped = threading.Event()
         self._aliases_lock = threading.Lock()
@@ -222,16 +242,31 @@ class Backend:
         object_id = state["_dc_meta"].id
         if object_id in self.moved:
             raise _MovedAway(self.moved[object_id])
+        if object_id in self.consolidated:
+            raise _Redirect(self.consolidated[object_id])
+        if object_id in self.discarded:
+            raise ObjectDoesNotExistError(
+                object_id, "it was a version and was discarded"
+            )
         raise ObjectDoesNotExistError(
             object_id, f"backend rank {self.rank} does not hold it"
         )
 
     def _materialize(self, records: list[serialization.Record]) -> None:
+        if len(records) > 256:
+            with serialization.paused_gc():
+                self._materialize_records(records)
+        else:
+            self._materialize_records(records)
+
+    def _materialize_records(self, records: list[serialization.Record]) -> None:
         done: list[DataClayObject] = []
+        backend_id = self.backend_id
         try:
-            for object_id, cls, meta, state in records:
-                obj = heap_get_or_create(object_id, cls, self.backend_id)
-                meta.master_backend_id = self.backend_id
+            for cls, meta, state in records:
+                object_id = meta.id
+                obj = heap_get_or_create(object_id, cls, backend_id)
+                meta.master_backend_id = backend_id
                 obj.__dict__.update(
                     _dc_meta=meta,
                     _dc_is_registered=True,
@@ -288,6 +323,8 @@ class Backend:
             reply: tuple[int, Any] = (OK, result)
         except _MovedAway as moved:
             reply = (MOVED, moved.backend_id)
+        except _Redirect as redirect:
+            reply = (REDIRECTED, redirect.original)
         except BaseException as exc:  # noqa: BLE001 - every error goes back to the caller
             reply = self._error_reply(exc)
         return self._dump_reply(op, reply)
@@ -343,7 +380,7 @@ class Backend:
         self, records: list, obj: DataClayObject, alias: str | None
     ) -> None:
         object_id = obj._dc_meta.id
-        dataset = next(meta.dataset_name for i, _, meta, _ in records if i == object_id)
+        dataset = next(m.dataset_name for _, m, _ in records if m.id == object_id)
         if alias is not None:
             self._add_alias(dataset, alias, (object_id, type(obj), self.backend_id))
         try:
@@ -354,10 +391,8 @@ class Backend:
                     self.aliases.pop((dataset, alias), None)
             raise
 
-    def _op_receive_objects(
-        self, records: list, objects: list[serialization.Record]
-    ) -> None:
-        self._materialize(objects)
+    def _op_receive_objects(self, records: list, roots: list) -> None:
+        self._materialize(records)
 
     def _op_get_attribute(self, records: list, obj: DataClayObject, name: str) -> Any:
         self._materialize(records)
@@ -443,28 +478,243 @@ class Backend:
         recursive: bool,
         remotes: bool,
     ) -> uuid.UUID:
-        obj = self._held(obj)
-        if recursive:
-            # recursive moves arrive with the move/versioning work (#3)
-            raise DataClayException(
-                "move(recursive=True) is not supported yet; move objects one by one"
-            )
-        if target == self.backend_id:
+        root = self._held(obj)._dc_meta.id
+        if not recursive:
+            if target != self.backend_id:
+                self._ship_closure([root], target, set(), follow_references=False)
             return target
         assert self.runtime is not None
-        with self._load_lock:
-            if not obj.__dict__["_dc_is_loaded"]:
-                self.load(obj)
+        # breadth first over backends; each round ships what one backend holds
+        visited: set[uuid.UUID] = set()
+        frontier: dict[uuid.UUID | None, list[uuid.UUID]] = {self.backend_id: [root]}
+        while frontier:
+            found: dict[uuid.UUID | None, list[uuid.UUID]] = {}
+            for backend_id, ids in frontier.items():
+                if backend_id is None:
+                    for object_id in ids:
+                        where = self.runtime._locate(object_id)
+                        found.setdefault(where, []).append(object_id)
+                    continue
+                if backend_id == self.backend_id:
+                    shipped, outside = self._ship_closure(ids, target, visited)
+                else:
+                    shipped, outside = self.runtime.request(
+                        backend_id, "move_closure", (ids, target, visited)
+                    )
+                visited.update(shipped)
+                for object_id, where in outside:
+                    if object_id not in visited:
+                        found.setdefault(where, []).append(object_id)
+            if not remotes:
+                break
+            frontier = {b: list(dict.fromkeys(ids)) for b, ids in found.items()}
+        logger.debug("moved %d objects to backend %s", len(visited), target)
+        return target
+
+    def _op_move_closure(
+        self,
+        records: list,
+        ids: list[uuid.UUID],
+        target: uuid.UUID,
+        visited: set[uuid.UUID],
+    ) -> tuple[list[uuid.UUID], list[tuple[uuid.UUID, uuid.UUID | None]]]:
+        return self._ship_closure(ids, target, visited)
+
+    def _ship_closure(
+        self,
+        ids: list[uuid.UUID],
+        target: uuid.UUID,
+        visited: set[uuid.UUID],
+        follow_references: bool = True,
+    ) -> tuple[list[uuid.UUID], list[tuple[uuid.UUID, uuid.UUID | None]]]:
+        """Send ``ids`` and what they reach here to ``target``.
+
+        Returns the ids handled here and the referents held elsewhere, with
+        where they are believed to be (``None``: unknown).
+        """
+        assert self.runtime is not None
+        outside: list[tuple[uuid.UUID, uuid.UUID | None]] = []
+        roots = []
+        for object_id in ids:
+            obj = self.objects.get(object_id)
+            if obj is not None:
+                roots.append(obj)
+            elif object_id not in visited:
+                outside.append((object_id, self.moved.get(object_id)))
+        root_ids = {obj._dc_meta.id for obj in roots}
+        seen = set(visited)
+
+        def follow(ref: DataClayObject) -> bool:
+            meta = ref._dc_meta
+            if meta.id in seen:
+                return False
+            seen.add(meta.id)
+            if ref.__dict__["_dc_is_local"]:
+                if not ref.__dict__["_dc_is_loaded"]:
+                    self.load(ref)
+                return follow_references or meta.id in root_ids
+            outside.append((meta.id, meta.master_backend_id))
+            return False
+
+        if target == self.backend_id:
+            # already there: nothing to send, but the closure tells the frontier
+            handled: list[DataClayObject] = []
+            serialization.dumps(roots, self.register_new, handled, follow=follow)
+            return [o._dc_meta.id for o in handled], outside
+        shipped: list[DataClayObject] = []
+        self.runtime.request(
+            target,
+            "receive_objects",
+            (roots,),
+            register=self.runtime._register_for(target),
+            follow=_collecting(follow, shipped),
+        )
+        for obj in shipped:
             meta = obj._dc_meta
-            record = (meta.id, type(obj), meta, obj._dc_get_state())
-            self.runtime.request(target, "receive_objects", ([record],))
             self.objects.pop(meta.id, None)
             self.moved[meta.id] = target
-            obj._dc_drop_state()
-            obj.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
             meta.master_backend_id = target
-        logger.debug("object %s moved to backend %s", meta.id, target)
-        return target
+            heap_add(obj)  # still referred to here, now as a proxy
+        logger.debug("shipped %d objects to backend %s", len(shipped), target)
+        return [o._dc_meta.id for o in shipped], outside
+
+    # -- versions ---------------------------------------------------------------------
+
+    def _stamp(self, obj: DataClayObject) -> str:
+        """Identify the state of an original: consolidations taken and content."""
+        if not obj.__dict__["_dc_is_loaded"]:
+            self.load(obj)
+        count = self._consolidations.get(obj._dc_meta.id, 0)
+        return f"{count}:{serialization.digest(obj._dc_get_state())}"
+
+    def _op_new_version(
+        self, records: list, obj: DataClayObject, target: uuid.UUID | None
+    ) -> tuple[DataClayObject, Any]:
+        obj = self._held(obj)
+        if not obj.__dict__["_dc_is_loaded"]:
+            self.load(obj)
+        meta = obj._dc_meta
+        if meta.original_object_id is None:
+            original_id, chain = meta.id, []
+            original_backend, base_stamp = self.backend_id, self._stamp(obj)
+        else:
+            original_id = meta.original_object_id
+            chain = [*meta.versions_object_ids, meta.id]
+            original_backend, base_stamp = meta.original_backend_id, meta.base_stamp
+        version_meta = dataclasses.replace(
+            meta,
+            id=uuid.uuid4(),
+            original_object_id=original_id,
+            versions_object_ids=chain,
+            original_backend_id=original_backend,
+            base_stamp=base_stamp,
+        )
+        state = obj._dc_get_state()
+        target = target or self.backend_id
+        version_meta.master_backend_id = target
+        record = (type(obj), version_meta, state)
+        if target == self.backend_id:
+            # a pickled copy: the version must not share mutable state
+            copied, _ = serialization.loads(*serialization.dumps([record]))
+            self._materialize(copied)
+        else:
+            assert self.runtime is not None
+            self.runtime.request(target, "receive_records", ([record],))
+        version = heap_get_or_create(version_meta.id, type(obj), target)
+        logger.debug("version %s of %s made on %s", version_meta.id, meta.id, target)
+        return version, version_meta
+
+    def _op_receive_records(self, records: list, objects: list) -> None:
+        self._materialize(objects)
+
+    def _version_of(self, version: DataClayObject) -> DataClayObject:
+        object_id = version._dc_meta.id
+        if object_id in self.consolidated or object_id in self.discarded:
+            raise ObjectIsNotVersionError(object_id)
+        version = self._held(version)
+        if version._dc_meta.original_object_id is None:
+            raise ObjectIsNotVersionError(object_id)
+        return version
+
+    def _op_consolidate_version(
+        self, records: list, version: DataClayObject, check: bool
+    ) -> None:
+        assert self.runtime is not None
+        version = self._version_of(version)
+        if not version.__dict__["_dc_is_loaded"]:
+            self.load(version)
+        meta = version._dc_meta
+        original = heap_get_or_create(
+            meta.original_object_id, type(version), meta.original_backend_id
+        )
+        expected = meta.base_stamp if check else None
+        self.runtime.object_request(
+            original, "take_state", version._dc_get_state(), expected, meta.id
+        )
+        for object_id in [*meta.versions_object_ids, meta.id]:
+            self._retire(object_id, original)
+        logger.debug("version %s consolidated into %s", meta.id, original._dc_meta.id)
+
+    def _retire(self, object_id: uuid.UUID, original: DataClayObject) -> None:
+        assert self.runtime is not None
+        if object_id in self.objects or object_id in self.consolidated:
+            self._op_retire_version([], object_id, original)
+            return
+        try:
+            where = self.runtime._locate(object_id)
+        except ObjectDoesNotExistError:
+            return  # a discarded intermediate version
+        self.runtime.request(where, "retire_version", (object_id, original))
+
+    def _op_retire_version(
+        self, records: list, object_id: uuid.UUID, original: DataClayObject
+    ) -> None:
+        version = self.objects.pop(object_id, None)
+        self.consolidated[object_id] = original
+        if version is not None:
+            version._dc_drop_state()
+            version.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
+            heap_add(version)
+        if self._store is not None:
+            self._store.delete(object_id)
+
+    def _op_take_state(
+        self,
+        records: list,
+        original: DataClayObject,
+        state: Any,
+        expected_stamp: str | None,
+        version_id: uuid.UUID,
+    ) -> None:
+        original = self._held(original)
+        with self._version_lock:
+            if expected_stamp is not None:
+                stamp = self._stamp(original)
+                if stamp != expected_stamp:
+                    raise VersionConflictError(
+                        f"version {version_id} was not consolidated: its original "
+                        f"{original._dc_meta.id} changed since the version was made; "
+                        "make a new version from the current original and redo "
+                        "the change"
+                    )
+            if not original.__dict__["_dc_is_loaded"]:
+                self.load(original)
+            original._dc_drop_state()
+            original._dc_set_state(state)
+            object_id = original._dc_meta.id
+            self._consolidations[object_id] = self._consolidations.get(object_id, 0) + 1
+
+    def _op_discard_version(self, records: list, version: DataClayObject) -> None:
+        version = self._version_of(version)
+        object_id = version._dc_meta.id
+        self.objects.pop(object_id, None)
+        self.discarded.add(object_id)
+        version._dc_drop_state()
+        version.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
+        heap_add(version)
+        if self._store is not None:
+            self._store.delete(object_id)
+        logger.debug("version %s discarded", object_id)
 
     def _op_flush(self, records: list) -> int:
         self._gate.enter_alone(FLUSH_WAIT_S)
@@ -497,6 +747,18 @@ class Backend:
     def _op_shutdown(self, records: list) -> None:
         logger.info("backend rank %d asked to stop", self.rank)
         self.stopped.set()
+
+
+def _collecting(
+    follow: Callable[[DataClayObject], bool], into: list[DataClayObject]
+) -> Callable[[DataClayObject], bool]:
+    def collect(obj: DataClayObject) -> bool:
+        if follow(obj):
+            into.append(obj)
+            return True
+        return False
+
+    return collect
 
 
 def _current_session_or_none() -> Session | None:

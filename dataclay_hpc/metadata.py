@@ -27,6 +27,10 @@ class ObjectMetadata:
         original_object_id: For a version, the object it is a version of.
         versions_object_ids: For a version, the chain of versions between the
             original and this one, oldest first.
+        original_backend_id: For a version, where its original was when the
+            version was made (a hint; moves are followed).
+        base_stamp: For a version, the original's stamp when the version was
+            made; a checked consolidation compares it with the original's stamp.
     """
 
     id: uuid.UUID = dataclasses.field(default_factory=uuid.uuid4)
@@ -35,6 +39,8 @@ class ObjectMetadata:
     dataset_name: str | None = None
     original_object_id: uuid.UUID | None = None
     versions_object_ids: list[uuid.UUID] = dataclasses.field(default_factory=list)
+    original_backend_id: uuid.UUID | None = None
+    base_stamp: str | None = None
 
     def __reduce__(self) -> tuple[Any, tuple]:
         # plain ints and strings: a dataclass's default reduction is ~4x slower
@@ -45,6 +51,8 @@ class ObjectMetadata:
             self.dataset_name,
             _int(self.original_object_id),
             [v.int for v in self.versions_object_ids],
+            _int(self.original_backend_id),
+            self.base_stamp,
         )
 
     def to_json(self) -> str:
@@ -64,8 +72,19 @@ def _int(value: uuid.UUID | None) -> int | None:
     return None if value is None else value.int
 
 
+def fast_uuid(value: int) -> uuid.UUID:
+    """Return ``uuid.UUID(int=value)`` for a value known to be valid, 5x faster."""
+    made = object.__new__(uuid.UUID)
+    object.__setattr__(made, "int", value)
+    object.__setattr__(made, "is_safe", _UNKNOWN_SAFETY)
+    return made
+
+
+_UNKNOWN_SAFETY = uuid.SafeUUID.unknown
+
+
 def _uuid(value: int | None) -> uuid.UUID | None:
-    return None if value is None else uuid.UUID(int=value)
+    return None if value is None else fast_uuid(value)
 
 
 def _metadata(
@@ -75,14 +94,18 @@ def _metadata(
     dataset_name: str | None,
     original_object_id: int | None,
     versions_object_ids: list[int],
+    original_backend_id: int | None,
+    base_stamp: str | None,
 ) -> ObjectMetadata:
     return ObjectMetadata(
-        uuid.UUID(int=object_id),
+        fast_uuid(object_id),
         class_name,
         _uuid(master_backend_id),
         dataset_name,
         _uuid(original_object_id),
-        [uuid.UUID(int=v) for v in versions_object_ids],
+        [fast_uuid(v) for v in versions_object_ids],
+        _uuid(original_backend_id),
+        base_stamp,
     )
 
 

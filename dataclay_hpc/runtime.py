@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 _HOST = socket.gethostname()
 # answers a backend sends back
-OK, ERROR, MOVED = 0, 1, 2
+OK, ERROR, MOVED, REDIRECTED = 0, 1, 2, 3
 # what pickling raises for a value that cannot be pickled
 _PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 # hops a request follows through "moved to" answers before giving up
@@ -116,25 +116,30 @@ class Runtime:
         *,
         register: Callable[[DataClayObject], None] | None = None,
         session: Session | None = None,
+        follow: Callable[[DataClayObject], bool] | None = None,
     ) -> Any:
         """Send one request to a backend and return its answer.
 
         Volatile objects reached by ``args`` are handed to ``register`` and travel
         with the request; they become proxies when it succeeds, and volatile again
-        when it fails.
+        when it fails. Persistent objects for which ``follow`` returns true travel
+        too, and become proxies here when it succeeds.
         """
         session = session or current_session()
         message = (op, session.username, session.dataset, args)
         new_objects: list[DataClayObject] = []
+        registered: list[DataClayObject] = []
+        if register is not None:
+            register = _recording(register, registered)
         try:
             payload, count, buffers = serialization.dumps(
-                message, register, new_objects
+                message, register, new_objects, follow=follow
             )
         except serialization.ClassImportError:
-            _unregister(new_objects)
+            _unregister(registered)
             raise
         except _PICKLE_ERRORS as exc:
-            _unregister(new_objects)
+            _unregister(registered)
             raise DataClayException(
                 f"cannot send {op} request: a value cannot be pickled ({exc}); "
                 "persistent attributes and arguments must be picklable"
@@ -143,14 +148,16 @@ class Runtime:
             frame = self._connection(backend_id).request(payload, count, buffers)
             (status, value), _ = serialization.loads(*frame)
         except BaseException:
-            _unregister(new_objects)
+            _unregister(registered)
             raise
         if status == OK:
             _became_remote(new_objects)
             return value
-        _unregister(new_objects)
+        _unregister(registered)
         if status == MOVED:
             raise _Moved(value)
+        if status == REDIRECTED:
+            raise _Redirected(value)
         exc, remote_tb, rank, host = value
         exc.__cause__ = RemoteTraceback(
             f"raised on backend rank {rank} (host {host}):\n{remote_tb}"
@@ -158,9 +165,14 @@ class Runtime:
         raise exc
 
     def object_request(self, obj: DataClayObject, op: str, *args: Any) -> Any:
-        """Send a request about ``obj`` to its backend, following moves."""
-        meta = obj._dc_meta
+        """Send a request about ``obj`` to its backend.
+
+        Follows moves (updating ``_dc_meta.master_backend_id``) and consolidated
+        versions (the request goes to the original instead).
+        """
+        target = obj
         for _ in range(_MAX_MOVED_HOPS):
+            meta = target._dc_meta
             backend_id = meta.master_backend_id
             if backend_id is None:
                 backend_id = meta.master_backend_id = self._locate(meta.id)
@@ -168,14 +180,19 @@ class Runtime:
                 return self.request(
                     backend_id,
                     op,
-                    (obj, *args),
+                    (target, *args),
                     register=self._register_for(backend_id),
                 )
             except _Moved as moved:
                 logger.debug("object %s moved to %s", meta.id, moved.backend_id)
                 meta.master_backend_id = moved.backend_id
+            except _Redirected as redirected:
+                logger.debug(
+                    "version %s was consolidated into %s", meta.id, redirected.original
+                )
+                target = redirected.original
         raise ObjectDoesNotExistError(
-            meta.id, f"it was still moving after {_MAX_MOVED_HOPS} hops"
+            obj._dc_meta.id, f"it was still moving after {_MAX_MOVED_HOPS} hops"
         )
 
     def _register_for(
@@ -338,15 +355,48 @@ class Runtime:
         new_master = self.object_request(obj, "move", target, recursive, remotes)
         obj._dc_meta.master_backend_id = new_master
 
+    def new_version(
+        self, obj: DataClayObject, backend_id: uuid.UUID | str | None
+    ) -> DataClayObject:
+        """Make a version of ``obj`` on ``backend_id`` (default: obj's backend)."""
+        target = None if backend_id is None else self.backend_id(backend_id)
+        version, meta = self.object_request(obj, "new_version", target)
+        version.__dict__["_dc_meta"] = meta  # the lineage, not just a reference
+        return version
+
+    def consolidate_version(self, version: DataClayObject, check: bool) -> None:
+        """Write a version's state into its original."""
+        self.object_request(version, "consolidate_version", check)
+
+    def discard_version(self, version: DataClayObject) -> None:
+        """Throw a version away without consolidating it."""
+        self.object_request(version, "discard_version")
+
     def flush_all(self) -> int:
         """Make every backend write its objects to its store and drop them."""
         return sum(self.broadcast("flush"))
+
+
+class _Redirected(Exception):
+    def __init__(self, original: DataClayObject) -> None:
+        super().__init__(original)
+        self.original = original
 
 
 class _Moved(Exception):
     def __init__(self, backend_id: uuid.UUID) -> None:
         super().__init__(backend_id)
         self.backend_id = backend_id
+
+
+def _recording(
+    register: Callable[[DataClayObject], None], registered: list[DataClayObject]
+) -> Callable[[DataClayObject], None]:
+    def record(obj: DataClayObject) -> None:
+        register(obj)
+        registered.append(obj)
+
+    return record
 
 
 def _unregister(objects: list[DataClayObject]) -> None:

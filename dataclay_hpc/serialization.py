@@ -11,15 +11,19 @@ go through. numpy arrays go out of band (pickle protocol 5).
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
+import gc
+import hashlib
 import io
 import pickle
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .exceptions import ClassImportError, DataClayException
+from .metadata import fast_uuid
 from .object import (
     PICKLE_DISPATCH,
     DataClayObject,
@@ -30,15 +34,39 @@ from .object import (
 
 __all__ = ["ClassImportError", "Record", "dumps", "loads"]
 
-Record = tuple[uuid.UUID, type, Any, Any]
-"""One object shipped with a request: (id, class, metadata, state)."""
+Record = tuple[type, Any, Any]
+"""One object shipped with a request: (class, metadata, state)."""
+
+# messages with more records than this pause the cyclic garbage collector:
+# it rescans the growing heap while 100 000 objects are built, which more
+# than doubled the time to unpickle them
+_GC_PAUSE_RECORDS = 256
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Keep the cyclic garbage collector off inside the block (nests, threads)."""
+    global _gc_pauses
+    with _gc_lock:
+        _gc_pauses += 1
+        if _gc_pauses == 1:
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0:
+                gc.enable()
 
 
 def _reference(
     object_id: int, cls: type, backend_id: int | None, dataset_name: str | None
 ):
     backend = None if backend_id is None else _uuid(backend_id)
-    return heap_get_or_create(uuid.UUID(int=object_id), cls, backend, dataset_name)
+    return heap_get_or_create(fast_uuid(object_id), cls, backend, dataset_name)
 
 
 # backend ids recur in every reference: keep one UUID object per value
@@ -49,7 +77,7 @@ def _uuid(value: int) -> uuid.UUID:
     known = _known_uuids.get(value)
     if known is not None:
         return known
-    return uuid.UUID(int=value)
+    return fast_uuid(value)
 
 
 def remember_uuid(value: uuid.UUID) -> None:
@@ -79,7 +107,9 @@ def _reduce_object(obj: DataClayObject) -> Any:
             )
         pickler.register(obj)
         pickler.new_objects.append(obj)
-    backend_id = meta.master_backend_id
+    elif pickler.follow is not None and pickler.follow(obj):
+        pickler.new_objects.append(obj)
+    backend_id = None if pickler.stable else meta.master_backend_id
     # ids as plain ints: no reduction of their own, ~6 us less per reference
     return _reference, (
         meta.id.int,
@@ -112,6 +142,10 @@ class _Pickler(pickle.Pickler):
         )
         self.register = register
         self.new_objects: list[DataClayObject] = []
+        # called for each persistent object met; True adds its record
+        self.follow: Any = None
+        # references without their (changing) backend, for digests
+        self.stable = False
 
     def dump(self, obj: Any) -> None:
         """Pickle ``obj``; persistent objects become references."""
@@ -129,19 +163,21 @@ class _MessagePickler(_Pickler):
         self.buffers: list[Any] = []
         super().__init__(self.file, self.buffers, None)
 
-    def reset(self, register: Any, new_objects: list) -> None:
+    def reset(self, register: Any, new_objects: list, follow: Any) -> None:
         self.file.seek(0)
         self.file.truncate()
         self.clear_memo()
         self.buffers.clear()
         self.register = register
         self.new_objects = new_objects
+        self.follow = follow
 
     def release(self) -> None:
         # drop what the last message referenced; reset() clears the rest
         self.buffers.clear()
         self.register = None
         self.new_objects = []
+        self.follow = None
 
 
 _per_thread = threading.local()
@@ -178,6 +214,7 @@ def dumps(
     new_objects: list | None = None,
     *,
     ship: bool = True,
+    follow: Any = None,
 ) -> tuple[bytes, int, list[Any]]:
     """Pickle ``message`` followed by one record per volatile object it reaches.
 
@@ -190,6 +227,8 @@ def dumps(
             pickling fails half-way, so the caller can undo the registrations.
         ship: Write the records of the new objects after the message; ``False``
             when ``register`` keeps them where they are.
+        follow: Called with each persistent object met; when it returns true,
+            the object's record is written too (and it joins ``new_objects``).
 
     Returns:
         ``(payload, number of records, out-of-band buffers)``.
@@ -197,17 +236,20 @@ def dumps(
     if new_objects is None:
         new_objects = []
     pickler = _take_pickler()
-    pickler.reset(register or _refuse_volatile, new_objects)
+    pickler.reset(register or _refuse_volatile, new_objects, follow)
+    pause = contextlib.ExitStack()
     try:
         pickler.dump(message)
         count = 0
         while ship and count < len(new_objects):  # grows while records are written
+            if count == _GC_PAUSE_RECORDS:
+                pause.enter_context(paused_gc())
             obj = new_objects[count]
-            meta = obj.__dict__["_dc_meta"]
-            pickler.dump((meta.id, type(obj), meta, obj._dc_get_state()))
+            pickler.dump((type(obj), obj.__dict__["_dc_meta"], obj._dc_get_state()))
             count += 1
         return pickler.file.getvalue(), count, list(pickler.buffers)
     finally:
+        pause.close()
         pickler.release()
         _per_thread.pickler = pickler
 
@@ -224,8 +266,9 @@ def loads(
         if not count:
             return pickle.loads(payload, buffers=buffers), []
         unpickler = pickle.Unpickler(io.BytesIO(payload), buffers=buffers)
-        message = unpickler.load()
-        return message, [unpickler.load() for _ in range(count)]
+        with paused_gc() if count > _GC_PAUSE_RECORDS else contextlib.nullcontext():
+            message = unpickler.load()
+            return message, [unpickler.load() for _ in range(count)]
     except (ImportError, AttributeError) as exc:
         raise class_import_error(exc) from exc
 
@@ -234,3 +277,12 @@ def _refuse_volatile(obj: DataClayObject) -> None:
     raise DataClayException(
         f"volatile object {obj!r} cannot be sent here; make_persistent() it first"
     )
+
+
+def digest(state: Any) -> str:
+    """Return a digest of a state that does not depend on where objects live."""
+    file = io.BytesIO()
+    pickler = _Pickler(file, None, _refuse_volatile)
+    pickler.stable = True
+    pickler.dump(state)
+    return hashlib.blake2b(file.getbuffer(), digest_size=16).hexdigest()

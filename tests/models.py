@@ -81,6 +81,10 @@ class Node(DataClayObject):
         return count
 
     @activemethod
+    def value_age(self) -> int:
+        return self.value.age
+
+    @activemethod
     def total(self) -> int:
         total, node, seen = 0, self, set()
         while node is not None and node._dc_meta.id not in seen:

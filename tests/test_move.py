@@ -1,0 +1,179 @@
+"""move(): one object, recursive, remotes, chains and cycles across backends."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+
+import numpy as np
+import pytest
+from models import Matrix, Node, Person
+from seed_model import Company, Employee
+
+from dataclay_hpc.exceptions import BackendDoesNotExistError
+
+
+def needs_backends(client, count):
+    if len(client.get_backends()) < count:
+        pytest.skip(f"needs {count} backends")
+
+
+def chain_on(backend_ids, length=6):
+    """A linked list whose node i lives on backend i % len(backend_ids)."""
+    nodes = []
+    for index in range(length):
+        node = Node(index)
+        node.make_persistent(backend_id=backend_ids[index % len(backend_ids)])
+        nodes.append(node)
+    for node, nxt in itertools.pairwise(nodes):
+        node.next = nxt
+    return nodes
+
+
+def test_seed_move_one_object(client):
+    employee = Employee("John", 1000.0)
+    employee.make_persistent()
+
+    # Get a list of available backend ids
+    backend_ids = list(client.get_backends())
+
+    # Move the object to the first backend id
+    employee.move(backend_ids[0])
+
+    assert employee._dc_meta.master_backend_id == backend_ids[0]
+    assert employee.name == "John"
+
+
+def test_seed_recursive_move(client):
+    needs_backends(client, 3)
+    backend_ids = list(client.get_backends())
+
+    employee = Employee("John", 1000.0)
+    employee.make_persistent(backend_id=backend_ids[0])
+
+    company = Company("ABC", employee)
+    company.make_persistent(backend_id=backend_ids[1])
+
+    company.move(backend_ids[2], recursive=True)
+
+    # employee has also moved
+    employee.name  # forcing update of the backend_id  # noqa: B018
+    assert employee._dc_meta.master_backend_id == backend_ids[2]
+
+
+def test_seed_recursive_move_without_remotes(client):
+    needs_backends(client, 3)
+    backend_ids = list(client.get_backends())
+
+    employee = Employee("John", 1000.0)
+    employee.make_persistent(backend_id=backend_ids[0])
+
+    company = Company("ABC", employee)
+    company.make_persistent(backend_id=backend_ids[1])
+
+    company.move(backend_ids[2], recursive=True, remotes=False)
+
+    # employee is still in backend 0
+    employee.name  # forcing update of the backend_id  # noqa: B018
+    assert employee._dc_meta.master_backend_id == backend_ids[0]
+
+
+def test_default_move_moves_only_the_object(client, backend_ids):
+    tail = Node(2)
+    head = Node(1, tail)
+    head.make_persistent(backend_id=backend_ids[0])
+    head.move(backend_ids[-1])
+    assert head._dc_meta.master_backend_id == backend_ids[-1]
+    assert tail.value == 2
+    assert tail._dc_meta.master_backend_id == backend_ids[0]
+    assert head.next is tail and head.total() == 3
+
+
+def test_remotes_false_moves_only_referents_of_the_same_backend(client, backend_ids):
+    far = Node(3)
+    far.make_persistent(backend_id=backend_ids[-1])
+    near = Node(2, far)
+    head = Node(1, near)
+    head.make_persistent(backend_id=backend_ids[0])
+    target = backend_ids[1]
+    head.move(target, recursive=True, remotes=False)
+    for node, expected in ((head, target), (near, target), (far, backend_ids[-1])):
+        node.value  # noqa: B018 - an access repairs the location
+        assert node._dc_meta.master_backend_id == expected
+    assert head.total() == 6
+
+
+def test_a_chain_across_every_backend_moves_recursively(client, backend_ids):
+    nodes = chain_on(backend_ids, length=3 * len(backend_ids))
+    nodes[-1].next = nodes[0]  # and it is a cycle
+    target = backend_ids[0]
+    nodes[1].move(target, recursive=True)
+    for node in nodes:
+        node.value  # noqa: B018
+        assert node._dc_meta.master_backend_id == target
+    assert nodes[0].total() == sum(range(len(nodes)))
+
+
+def test_moving_to_where_it_is_pulls_remote_referents(client, backend_ids):
+    nodes = chain_on(backend_ids, length=2 * len(backend_ids))
+    home = nodes[0]._dc_meta.master_backend_id
+    nodes[0].move(home)  # not recursive: nothing at all
+    nodes[1].value  # noqa: B018
+    assert nodes[1]._dc_meta.master_backend_id != home
+    nodes[0].move(home, recursive=True)
+    for node in nodes:
+        node.value  # noqa: B018
+        assert node._dc_meta.master_backend_id == home
+
+
+def test_every_proxy_finds_a_moved_object(client, backend_ids):
+    person = Person("Val", 20)
+    person.make_persistent(backend_id=backend_ids[0])
+    holder = Node(0, None)
+    holder.value = person  # a backend-side reference to it
+    holder.make_persistent(backend_id=backend_ids[-1])
+    for moves, backend_id in enumerate([*backend_ids[1:], backend_ids[0]]):
+        person.move(backend_id)
+        assert holder.value_age() == 20 + moves  # followed inside a backend
+        assert person.birthday() == 21 + moves
+
+
+def test_a_volatile_object_is_made_persistent_where_it_is_moved(client, backend_ids):
+    person = Person("Wes", 1)
+    person.move(backend_ids[-1])
+    assert person._dc_is_registered
+    assert person._dc_meta.master_backend_id == backend_ids[-1]
+
+
+def test_moving_to_an_unknown_backend_leaves_the_object_intact(client, backend_ids):
+    head = Node(1, Node(2))
+    head.make_persistent(backend_id=backend_ids[0])
+    with pytest.raises(BackendDoesNotExistError):
+        head.move(uuid.uuid4(), recursive=True)
+    assert head._dc_meta.master_backend_id == backend_ids[0]
+    assert head.total() == 3
+
+
+def test_large_arrays_move_with_their_object(client, backend_ids):
+    data = np.arange(3_000_000, dtype=np.float64)
+    matrix = Matrix(data)
+    matrix.make_persistent(backend_id=backend_ids[0])
+    matrix.move(backend_ids[-1], recursive=True)
+    assert matrix.sum() == pytest.approx(float(data.sum()))
+    np.testing.assert_array_equal(matrix.data, data)
+
+
+def test_100000_linked_nodes_move_recursively(client, backend_ids):
+    head = None
+    for value in range(100_000):
+        head = Node(value, head)
+    head.make_persistent(backend_id=backend_ids[0])
+    head.move(backend_ids[-1], recursive=True)
+    assert head.length() == 100_000
+    last = head
+    for _ in range(3):
+        last = last.next
+    last.value  # noqa: B018
+    assert last._dc_meta.master_backend_id == backend_ids[-1]
+    client.flush_all()
+    assert head.total() == sum(range(100_000))
