@@ -720,18 +720,17 @@ class Backend:
         self._gate.enter_alone(FLUSH_WAIT_S)
         try:
             store = self._open_store()
-            count = 0
-            for object_id, obj in list(self.objects.items()):
-                state = obj.__dict__
-                if not state["_dc_is_loaded"]:
-                    continue
-                store.write(
-                    object_id, state["_dc_meta"].class_name, obj._dc_get_state()
+            loaded = [o for o in self.objects.values() if o.__dict__["_dc_is_loaded"]]
+            with serialization.paused_gc():
+                store.write_many(
+                    (o._dc_meta.id, o._dc_meta.class_name, o._dc_get_state())
+                    for o in loaded
                 )
+            for obj in loaded:
                 obj._dc_drop_state()
-                state["_dc_is_loaded"] = False
-                count += 1
+                obj.__dict__["_dc_is_loaded"] = False
             store.flush()
+            count = len(loaded)
         finally:
             self._gate.leave_alone()
         logger.info(

@@ -94,6 +94,11 @@ def _reduce_uuid(value: uuid.UUID) -> tuple[Any, tuple[int]]:
 _dumping = threading.local()
 
 
+def current_pickler() -> Any:
+    """Return the pickler dumping on this thread right now, if any."""
+    return getattr(_dumping, "pickler", None)
+
+
 def _reduce_object(obj: DataClayObject) -> Any:
     pickler = _dumping.pickler
     state = obj.__dict__
