@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -253,7 +254,7 @@ class Backend:
         )
 
     def _materialize(self, records: list[serialization.Record]) -> None:
-        if len(records) > 256:
+        if len(records) > serialization.GC_PAUSE_RECORDS:
             with serialization.paused_gc():
                 self._materialize_records(records)
         else:
@@ -296,6 +297,12 @@ class Backend:
 
     def handle(self, payload: bytes, count: int, buffers: list[Any]):
         """Answer one request frame with a reply frame."""
+        if count > serialization.GC_PAUSE_RECORDS:
+            with serialization.paused_gc():
+                return self._handle(payload, count, buffers)
+        return self._handle(payload, count, buffers)
+
+    def _handle(self, payload: bytes, count: int, buffers: list[Any]):
         op = "?"
         try:
             (op, username, dataset, args), records = serialization.loads(
@@ -430,6 +437,8 @@ class Backend:
     def _op_get_object(
         self, records: list, object_id: uuid.UUID
     ) -> DataClayObject | None:
+        if object_id in self.consolidated:
+            return self.consolidated[object_id]
         return self.objects.get(object_id)
 
     def _op_locate(self, records: list, object_id: uuid.UUID) -> uuid.UUID | None:
@@ -492,7 +501,10 @@ class Backend:
             for backend_id, ids in frontier.items():
                 if backend_id is None:
                     for object_id in ids:
-                        where = self.runtime._locate(object_id)
+                        try:
+                            where = self.runtime._locate(object_id)
+                        except ObjectDoesNotExistError:
+                            continue  # a discarded version: nothing to move
                         found.setdefault(where, []).append(object_id)
                     continue
                 if backend_id == self.backend_id:
@@ -532,6 +544,16 @@ class Backend:
         Returns the ids handled here and the referents held elsewhere, with
         where they are believed to be (``None``: unknown).
         """
+        with serialization.paused_gc():
+            return self._ship_closure_now(ids, target, visited, follow_references)
+
+    def _ship_closure_now(
+        self,
+        ids: list[uuid.UUID],
+        target: uuid.UUID,
+        visited: set[uuid.UUID],
+        follow_references: bool,
+    ) -> tuple[list[uuid.UUID], list[tuple[uuid.UUID, uuid.UUID | None]]]:
         assert self.runtime is not None
         outside: list[tuple[uuid.UUID, uuid.UUID | None]] = []
         roots = []
@@ -539,7 +561,13 @@ class Backend:
             obj = self.objects.get(object_id)
             if obj is not None:
                 roots.append(obj)
-            elif object_id not in visited:
+            elif object_id in self.consolidated:
+                # a consolidated version stands for its original
+                original = self.consolidated[object_id]
+                outside.append(
+                    (original._dc_meta.id, original._dc_meta.master_backend_id)
+                )
+            elif object_id not in visited and object_id not in self.discarded:
                 outside.append((object_id, self.moved.get(object_id)))
         root_ids = {obj._dc_meta.id for obj in roots}
         seen = set(visited)
@@ -614,8 +642,11 @@ class Backend:
         version_meta.master_backend_id = target
         record = (type(obj), version_meta, state)
         if target == self.backend_id:
-            # a pickled copy: the version must not share mutable state
-            copied, _ = serialization.loads(*serialization.dumps([record]))
+            # a pickled copy: the version must not share mutable state, arrays
+            # included (their out-of-band buffers are views of the original)
+            payload, count, buffers = serialization.dumps([record])
+            copies = [bytearray(memoryview(b).cast("B")) for b in buffers]
+            copied, _ = serialization.loads(payload, count, copies)
             self._materialize(copied)
         else:
             assert self.runtime is not None
@@ -718,23 +749,30 @@ class Backend:
 
     def _op_flush(self, records: list) -> int:
         self._gate.enter_alone(FLUSH_WAIT_S)
+        started = time.monotonic()
         try:
             store = self._open_store()
-            loaded = [o for o in self.objects.values() if o.__dict__["_dc_is_loaded"]]
             with serialization.paused_gc():
+                loaded = [
+                    o for o in self.objects.values() if o.__dict__["_dc_is_loaded"]
+                ]
                 store.write_many(
                     (o._dc_meta.id, o._dc_meta.class_name, o._dc_get_state())
                     for o in loaded
                 )
-            for obj in loaded:
-                obj._dc_drop_state()
-                obj.__dict__["_dc_is_loaded"] = False
-            store.flush()
+                for obj in loaded:
+                    obj._dc_drop_state()
+                    obj.__dict__["_dc_is_loaded"] = False
+                store.flush()
             count = len(loaded)
         finally:
             self._gate.leave_alone()
         logger.info(
-            "backend rank %d flushed %d objects to %s", self.rank, count, store.path
+            "backend rank %d flushed %d objects to %s in %.2f s",
+            self.rank,
+            count,
+            store.path,
+            time.monotonic() - started,
         )
         return count
 

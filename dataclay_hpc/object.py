@@ -416,10 +416,10 @@ class DataClayObject(metaclass=_DataClayMeta):
         """
         runtime = current_session().runtime
         if self._dc_is_registered:
+            if alias is not None:  # first: a taken alias must not leave it moved
+                runtime.add_alias(self, alias)
             if backend_id is not None:
                 runtime.move(self, backend_id, recursive=False, remotes=True)
-            if alias is not None:
-                runtime.add_alias(self, alias)
             return
         runtime.make_persistent(self, alias, backend_id)
 

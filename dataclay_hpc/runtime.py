@@ -151,7 +151,11 @@ class Runtime:
             _unregister(registered)
             raise
         if status == OK:
-            _became_remote(new_objects)
+            if len(new_objects) > serialization.GC_PAUSE_RECORDS:
+                with serialization.paused_gc():
+                    _became_remote(new_objects)
+            else:
+                _became_remote(new_objects)
             return value
         _unregister(registered)
         if status == MOVED:
@@ -341,7 +345,8 @@ class Runtime:
     def sync(self, obj: DataClayObject) -> None:
         """Refresh ``obj._dc_meta`` from its backend."""
         meta = self.object_request(obj, "metadata")
-        obj.__dict__["_dc_meta"] = meta
+        if meta.id == obj._dc_meta.id:  # not the original of a consolidated version
+            obj.__dict__["_dc_meta"] = meta
 
     def move(
         self,

@@ -40,7 +40,7 @@ Record = tuple[type, Any, Any]
 # messages with more records than this pause the cyclic garbage collector:
 # it rescans the growing heap while 100 000 objects are built, which more
 # than doubled the time to unpickle them
-_GC_PAUSE_RECORDS = 256
+GC_PAUSE_RECORDS = 256
 _gc_lock = threading.Lock()
 _gc_pauses = 0
 
@@ -247,7 +247,7 @@ def dumps(
         pickler.dump(message)
         count = 0
         while ship and count < len(new_objects):  # grows while records are written
-            if count == _GC_PAUSE_RECORDS:
+            if count == GC_PAUSE_RECORDS:
                 pause.enter_context(paused_gc())
             obj = new_objects[count]
             pickler.dump((type(obj), obj.__dict__["_dc_meta"], obj._dc_get_state()))
@@ -271,7 +271,7 @@ def loads(
         if not count:
             return pickle.loads(payload, buffers=buffers), []
         unpickler = pickle.Unpickler(io.BytesIO(payload), buffers=buffers)
-        with paused_gc() if count > _GC_PAUSE_RECORDS else contextlib.nullcontext():
+        with paused_gc() if count > GC_PAUSE_RECORDS else contextlib.nullcontext():
             message = unpickler.load()
             return message, [unpickler.load() for _ in range(count)]
     except (ImportError, AttributeError) as exc:

@@ -269,3 +269,49 @@ def test_awaitable_version_twins(client):
         return person.age
 
     assert asyncio.run(main()) == 2
+
+
+def test_a_version_on_the_same_backend_does_not_share_arrays(client):
+    import numpy as np
+    from models import Matrix
+
+    matrix = Matrix(np.zeros(10))
+    matrix.make_persistent()
+    version = matrix.new_version()
+    version.data = version.data + 1
+    assert matrix.sum() == 0.0
+    assert version.sum() == 10.0
+
+
+def test_a_recursive_move_passes_consolidated_and_discarded_versions(
+    client, backend_ids
+):
+    person = Person("Lea", 1)
+    person.make_persistent(backend_id=backend_ids[0])
+    kept = person.new_version(backend_id=backend_ids[-1])
+    kept.age = 2
+    kept.consolidate_version()
+    dropped = person.new_version(backend_id=backend_ids[-1])
+    dropped.discard_version()
+    company = Company("Versions")
+    company.make_persistent(backend_id=backend_ids[-1])
+    company.people = [kept, dropped]
+    company.move(backend_ids[0], recursive=True)
+    company.name  # noqa: B018
+    assert company._dc_meta.master_backend_id == backend_ids[0]
+    assert kept.age == person.age == 2
+    kept.sync()
+    assert kept._dc_meta.original_object_id == person._dc_meta.id
+
+
+def test_a_taken_alias_leaves_a_persistent_object_in_place(client, backend_ids):
+    from dataclay_hpc.exceptions import AliasAlreadyExistError
+
+    first, second = Person("Mo", 1), Person("Ned", 2)
+    alias = f"mo-{os.getpid()}"
+    first.make_persistent(alias=alias)
+    second.make_persistent(backend_id=backend_ids[0])
+    with pytest.raises(AliasAlreadyExistError):
+        second.make_persistent(alias=alias, backend_id=backend_ids[-1])
+    second.sync()
+    assert second._dc_meta.master_backend_id == backend_ids[0]
