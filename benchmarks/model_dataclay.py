@@ -8,7 +8,7 @@ backends import this module by name, so ``benchmarks/`` must be on their
 import numpy as np
 from dataclay import Client, DataClayObject, activemethod
 
-__all__ = ["LIBRARY", "Client", "Employee", "Holder"]
+__all__ = ["LIBRARY", "Client", "Employee", "Holder", "Node"]
 
 #: Name of the library under test, as it appears in reports.
 LIBRARY = "dataClay 4.3.1"
@@ -40,3 +40,15 @@ class Holder(DataClayObject):
     def __init__(self, data: np.ndarray) -> None:
         """Hold ``data``."""
         self.data = data
+
+
+class Node(DataClayObject):
+    """One node of a singly linked list: a small payload and the next node."""
+
+    payload: int
+    next: "Node | None"
+
+    def __init__(self, payload: int, next_node: "Node | None" = None) -> None:
+        """Create a node holding ``payload`` that links to ``next_node``."""
+        self.payload = payload
+        self.next = next_node

@@ -278,7 +278,8 @@ def _latency(samples_us: list[float], plan: Plan) -> dict[str, Any]:
     }
 
 
-def _library_version(model_name: str) -> str:
+def library_version(model_name: str) -> str:
+    """Return the installed version of the library behind ``model_name``."""
     try:
         return importlib.metadata.version(DISTRIBUTIONS[model_name])
     except importlib.metadata.PackageNotFoundError:
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK_PLAN if args.quick else FULL_PLAN
 
     report = run_workload(model, client_kwargs, args.backends, plan)
-    report["version"] = _library_version(args.model)
+    report["version"] = library_version(args.model)
     report["python"] = platform.python_version()
     report["numpy"] = np.__version__
     with open(args.out, "w", encoding="utf-8") as out:

@@ -1,21 +1,27 @@
 """Side-by-side benchmark: dataclay_hpc, dataClay 4.3.1 and an MPI ping-pong floor.
 
-Usage: ``python benchmarks/run.py [--quick] [--only NAME] [--json OUT]``.
+Usage: ``python benchmarks/run.py [--quick] [--big] [--only NAME] [--suite NAME]
+[--json OUT]``.
 
 Sets up what is missing (dataClay venv, redis, mpi4py + mpich), then runs, one
 after another in this invocation on this machine:
 
-- ``hpc``: the workload of ``ops.py`` with ``model_hpc`` in the current
-  environment; ``Client()`` starts an embedded local job with 2 backends;
-- ``dataclay``: the same workload with ``model_dataclay`` in the dataClay venv,
+- ``hpc``: the workloads with ``model_hpc`` in the current environment;
+  ``Client()`` starts an embedded local job with 2 backends;
+- ``dataclay``: the same workloads with ``model_dataclay`` in the dataClay venv,
   against redis + metadata service + 2 backends started here and stopped after;
 - ``floor``: ``pingpong.py`` under the mpich wheel's ``mpiexec -n 2``.
 
-A side that fails is reported as failed and the others still run. Prints a
-table and writes every number to JSON.
+Two workload suites: ``basic`` (``ops.py``: attribute access, activemethod,
+make_persistent, get_by_alias, a 100 MB array; the floor belongs to it) and
+``moves`` (``moves.py``: move, recursive move of linked lists, versioning; hpc
+and dataClay only). Each suite runs in its own process; a side or suite that
+fails is reported as failed and the others still run. Prints one table per
+suite and writes every number to JSON.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -26,6 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -49,6 +56,17 @@ BACKENDS = 2
 WORKLOAD_TIMEOUT_S = (900.0, 300.0)
 #: Deadline for the MPI ping-pong, in seconds.
 FLOOR_TIMEOUT_S = 300.0
+#: Lengths of the linked lists of the moves suite.
+LIST_SIZES = (100, 1_000, 100_000)
+#: Deadline of one list operation of the moves suite, in seconds (default, --big).
+LIST_DEADLINE_S = (120.0, 600.0)
+#: Longest list made persistent node by node when one make_persistent of its
+#: head fails, so that its recursive move can still be tried (default, --big).
+NODE_BY_NODE_MAX = (1_000, max(LIST_SIZES))
+#: Deadline of the moves suite's process beyond its list deadlines, in seconds.
+MOVES_BASE_TIMEOUT_S = 300.0
+#: Objects per second dataclay_hpc aims at for the largest recursive move.
+HPC_MOVE_TARGET_OBJECTS_PER_S = 50_000
 
 #: Share of all CPUs busy, just before a side, above which a warning says the
 #: numbers may be noisy (another program shares the cores).
@@ -57,6 +75,9 @@ BUSY_FRACTION = 0.15
 BUSY_SAMPLE_S = 1.0
 
 SIDES = ("hpc", "dataclay", "floor")
+SUITES = ("basic", "moves")
+#: Sides that run each suite.
+SUITE_SIDES = {"basic": SIDES, "moves": ("hpc", "dataclay")}
 SIDE_TITLES = {
     "hpc": "dataclay_hpc",
     "dataclay": "dataClay 4.3.1",
@@ -71,17 +92,57 @@ OPERATIONS = (
     ("get_by_alias", "get_by_alias", "us"),
     ("array_roundtrip", "100 MB array round trip", "GB/s"),
 )
+#: Rows of the moves suite: (result key, row title, unit); ``s`` rows are one
+#: timed call each and also show objects per second.
+MOVE_OPERATIONS = (
+    ("move_one", "move one object", "us"),
+    ("versioning", "new_version() + write + consolidate_version()", "us"),
+    ("versioning_same_backend", "same with new_version(backend_id=A)", "us"),
+    *(
+        row
+        for nodes in LIST_SIZES
+        for row in (
+            (f"make_persistent_list_{nodes}", f"make_persistent, {nodes:,} nodes", "s"),
+            (f"recursive_move_{nodes}", f"recursive move, {nodes:,} nodes", "s"),
+        )
+    ),
+)
 
 
-def run_hpc(workdir: Path, quick: bool) -> dict[str, Any]:
-    """Run the workload on dataclay_hpc in the current environment.
+@dataclass(frozen=True)
+class Options:
+    """What to run.
+
+    Attributes:
+        quick: fewer repeats.
+        big: long deadlines and the node-by-node fallback for every list size.
+        suites: the selected suites, in ``SUITES`` order.
+    """
+
+    quick: bool
+    big: bool
+    suites: tuple[str, ...]
+
+    @property
+    def list_deadline_s(self) -> float:
+        """Deadline of one list operation of the moves suite, in seconds."""
+        return LIST_DEADLINE_S[self.big]
+
+    @property
+    def node_by_node_max(self) -> int:
+        """Longest list made persistent node by node after a failed call."""
+        return NODE_BY_NODE_MAX[self.big]
+
+
+def run_hpc(workdir: Path, options: Options) -> dict[str, dict[str, Any]]:
+    """Run the selected suites on dataclay_hpc in the current environment.
 
     Args:
         workdir: empty directory for this side's logs and output.
-        quick: use the short plan.
+        options: what to run.
 
     Returns:
-        The workload's JSON report.
+        Suite name to its outcome (``status``, ``report``, ``error``).
     """
     setup_env.ensure_mpi()
     env = dict(os.environ)
@@ -90,26 +151,28 @@ def run_hpc(workdir: Path, quick: bool) -> dict[str, Any]:
         + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     env["DATACLAY_HPC_BACKENDS"] = str(BACKENDS)
-    return _run_workload(
-        "dataclay_hpc workload",
+    return _run_suites(
+        "dataclay_hpc",
         python=sys.executable,
         model="model_hpc",
         client_args=[],
         env=env,
         workdir=workdir,
-        quick=quick,
+        options=options,
     )
 
 
-def run_dataclay(workdir: Path, quick: bool) -> dict[str, Any]:
-    """Start dataClay 4.3.1 on loopback, run the workload, stop dataClay.
+def run_dataclay(workdir: Path, options: Options) -> dict[str, dict[str, Any]]:
+    """Start dataClay 4.3.1 on loopback, run the selected suites, stop dataClay.
+
+    Both suites run against the same deployment, one after the other.
 
     Args:
         workdir: empty directory for this side's logs, storage and output.
-        quick: use the short plan.
+        options: what to run.
 
     Returns:
-        The workload's JSON report.
+        Suite name to its outcome (``status``, ``report``, ``error``).
     """
     python = setup_env.ensure_dataclay_venv(DATACLAY_VENV)
     setup_env.ensure_redis()
@@ -120,29 +183,29 @@ def run_dataclay(workdir: Path, quick: bool) -> dict[str, Any]:
                 "--host", deployment.host,
                 "--port", str(deployment.metadata_port),
             ]  # fmt: skip
-            return _run_workload(
-                "dataClay workload",
+            return _run_suites(
+                "dataClay",
                 python=str(python),
                 model="model_dataclay",
                 client_args=client_args,
                 env=deployment.env(),
                 workdir=workdir,
-                quick=quick,
+                options=options,
             )
     finally:
         for storage in workdir.glob("storage-*"):
             shutil.rmtree(storage, ignore_errors=True)
 
 
-def run_floor(workdir: Path, quick: bool) -> dict[str, Any]:
+def run_floor(workdir: Path, options: Options) -> dict[str, dict[str, Any]]:
     """Run the two-rank MPI ping-pong with the mpich wheel's ``mpiexec``.
 
     Args:
         workdir: empty directory for this side's log and output.
-        quick: use fewer repeats.
+        options: what to run (only ``quick`` matters).
 
     Returns:
-        The ping-pong's JSON report.
+        ``{"basic": outcome}`` with the ping-pong's JSON report.
     """
     mpiexec = setup_env.ensure_mpi()
     out = workdir / "floor.json"
@@ -150,7 +213,7 @@ def run_floor(workdir: Path, quick: bool) -> dict[str, Any]:
         str(mpiexec), "-n", "2",
         sys.executable, "-m", "mpi4py", str(BENCH_DIR / "pingpong.py"),
         "--out", str(out),
-    ] + (["--quick"] if quick else [])  # fmt: skip
+    ] + (["--quick"] if options.quick else [])  # fmt: skip
     proc.run(
         "MPI ping-pong",
         argv,
@@ -159,10 +222,10 @@ def run_floor(workdir: Path, quick: bool) -> dict[str, Any]:
         log_path=workdir / "floor.log",
         timeout_s=FLOOR_TIMEOUT_S,
     )
-    return _read_json(out)
+    return {"basic": {"status": "ok", "report": _read_json(out)}}
 
 
-RUNNERS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
+RUNNERS: dict[str, Callable[[Path, Options], dict[str, dict[str, Any]]]] = {
     "hpc": run_hpc,
     "dataclay": run_dataclay,
     "floor": run_floor,
@@ -170,11 +233,11 @@ RUNNERS: dict[str, Callable[[Path, bool], dict[str, Any]]] = {
 
 
 def value_of(side: str, report: dict[str, Any], key: str, unit: str) -> float:
-    """Return one table cell: microseconds per operation, or GB/s.
+    """Return one cell of the basic table: microseconds per operation, or GB/s.
 
     Args:
         side: ``hpc``, ``dataclay`` or ``floor``.
-        report: that side's JSON report.
+        report: that side's JSON report of the basic suite.
         key: the operation's result key.
         unit: ``us`` or ``GB/s``.
 
@@ -190,7 +253,7 @@ def value_of(side: str, report: dict[str, Any], key: str, unit: str) -> float:
 
 
 def build_table(sides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Collect the values and ratios of every operation.
+    """Collect the values and ratios of every operation of the basic suite.
 
     Ratios compare time per operation, whatever the unit: ``ratio_dataclay_hpc``
     is how many times longer dataClay takes than dataclay_hpc (above 1: hpc is
@@ -198,7 +261,8 @@ def build_table(sides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     the floor.
 
     Args:
-        sides: side name to its outcome (``status`` and, when ok, ``report``).
+        sides: side name to its outcome (``suites``: suite name to ``status``
+            and, when ok, ``report``).
 
     Returns:
         One row per operation; a missing value is None.
@@ -207,7 +271,7 @@ def build_table(sides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for key, title, unit in OPERATIONS:
         row: dict[str, Any] = {"operation": key, "title": title, "unit": unit}
         for side in SIDES:
-            outcome = sides.get(side, {})
+            outcome = _suite(sides, side, "basic") or {}
             row[side] = (
                 value_of(side, outcome["report"], key, unit)
                 if outcome.get("status") == "ok"
@@ -220,7 +284,7 @@ def build_table(sides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]], sides: dict[str, dict[str, Any]]) -> str:
-    """Render the rows as a plain-text table with a note per failed side.
+    """Render the basic rows as a plain-text table with a note per failed side.
 
     Args:
         rows: from :func:`build_table`.
@@ -235,24 +299,128 @@ def format_table(rows: list[dict[str, Any]], sides: dict[str, dict[str, Any]]) -
     for row in rows:
         cells = [f"{row['title']} ({'µs' if row['unit'] == 'us' else 'GB/s'})"]
         for side in SIDES:
-            cells.append(_cell(row[side], row["unit"], sides.get(side)))
+            cells.append(_cell(row[side], row["unit"], _suite(sides, side, "basic")))
         for ratio in (row["ratio_dataclay_hpc"], row["ratio_hpc_floor"]):
             cells.append("-" if ratio is None else f"{ratio:.2f}x")
         lines.append(cells)
 
-    widths = [max(len(line[col]) for line in lines) for col in range(len(header))]
-    text = [
-        " | ".join(
-            cell.ljust(width) if col == 0 else cell.rjust(width)
-            for col, (cell, width) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in lines
-    ]
-    text.insert(1, "-+-".join("-" * width for width in widths))
+    text = _render(lines)
     for side in SIDES:
-        status = sides.get(side, {}).get("status", "not run")
+        status = (_suite(sides, side, "basic") or {}).get("status", "not run")
         if status != "ok":
             text.append(f"{SIDE_TITLES[side]}: {status}")
+    return "\n".join(text)
+
+
+def build_moves_table(sides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Collect the values, statuses and ratios of the moves suite.
+
+    For each side a row holds the value (``us`` per operation, or ``s`` of the
+    one timed call), the operation's ``status`` and, for list rows, objects
+    per second. ``ratio_dataclay_hpc`` compares times as in the basic table;
+    when one side overran its deadline the ratio is a bound, named by
+    ``ratio_bound`` (``lower``: dataClay takes at least that many times longer;
+    ``upper``: at most).
+
+    Args:
+        sides: side name to its outcome.
+
+    Returns:
+        One row per operation of ``MOVE_OPERATIONS``.
+    """
+    rows = []
+    for key, title, unit in MOVE_OPERATIONS:
+        row: dict[str, Any] = {"operation": key, "title": title, "unit": unit}
+        for side in SUITE_SIDES["moves"]:
+            entry = _move_entry(sides, side, key)
+            row[f"{side}_status"] = entry.get("status", "not run")
+            row[side] = entry.get(unit) if row[f"{side}_status"] == "ok" else None
+            if unit == "s":
+                row[f"{side}_objects_per_s"] = entry.get("objects_per_s")
+            row[f"{side}_lower_bound_s"] = entry.get("s_lower_bound")
+            if "node_by_node_make_persistent_s" in entry:
+                row[f"{side}_node_by_node_make_persistent_s"] = entry[
+                    "node_by_node_make_persistent_s"
+                ]
+        row["ratio_dataclay_hpc"] = _time_ratio(row["dataclay"], row["hpc"], unit)
+        row["ratio_bound"] = None
+        if row["ratio_dataclay_hpc"] is None:
+            if row["hpc"] and row["dataclay_lower_bound_s"]:
+                row["ratio_dataclay_hpc"] = row["dataclay_lower_bound_s"] / row["hpc"]
+                row["ratio_bound"] = "lower"
+            elif row["dataclay"] and row["hpc_lower_bound_s"]:
+                row["ratio_dataclay_hpc"] = row["dataclay"] / row["hpc_lower_bound_s"]
+                row["ratio_bound"] = "upper"
+        rows.append(row)
+    return rows
+
+
+def format_moves_table(
+    rows: list[dict[str, Any]], sides: dict[str, dict[str, Any]], options: Options
+) -> str:
+    """Render the moves rows as a plain-text table followed by notes.
+
+    The notes give the full status of every operation that did not succeed,
+    say which recursive moves ran on a list made persistent node by node, and
+    compare the 100 000-node move of dataclay_hpc with its target.
+
+    Args:
+        rows: from :func:`build_moves_table`.
+        sides: side name to its outcome.
+        options: what was run (for the deadline in the title).
+
+    Returns:
+        The table.
+    """
+    move_sides = SUITE_SIDES["moves"]
+    header = ["operation", *(SIDE_TITLES[side] for side in move_sides)]
+    header.append("ratio dataClay/hpc")
+    lines = [header]
+    notes: list[str] = []
+    for row in rows:
+        unit_label = "µs" if row["unit"] == "us" else "s, objects/s"
+        cells = [f"{row['title']} ({unit_label})"]
+        for side in move_sides:
+            cells.append(_move_cell(row, side))
+            status = row[f"{side}_status"]
+            # "not measured" rows follow from the suite failure reported below.
+            if status != "ok" and not status.startswith(("not run", "not measured")):
+                notes.append(f"{SIDE_TITLES[side]}, {row['title']}: {status}")
+            node_by_node_s = row.get(f"{side}_node_by_node_make_persistent_s")
+            if node_by_node_s is not None:
+                notes.append(
+                    f"{SIDE_TITLES[side]}, {row['title']}: measured on a list "
+                    f"made persistent node by node ({node_by_node_s:.1f} s), as "
+                    "one make_persistent of the head failed"
+                )
+        ratio = row["ratio_dataclay_hpc"]
+        prefix = {"lower": "> ", "upper": "< "}.get(row["ratio_bound"] or "", "")
+        cells.append("-" if ratio is None else f"{prefix}{ratio:.2f}x")
+        lines.append(cells)
+
+    text = [
+        "move and versioning (lists: one make_persistent of the head on backend "
+        "A, then head.move(B, recursive=True); deadline "
+        f"{options.list_deadline_s:.0f} s per list operation)",
+        *_render(lines),
+    ]
+    for side in move_sides:
+        outcome = _suite(sides, side, "moves")
+        if outcome is None:
+            text.append(f"{SIDE_TITLES[side]}: not run")
+        elif outcome["status"] != "ok":
+            text.append(f"{SIDE_TITLES[side]}: {outcome['status']}")
+    big = f"recursive_move_{max(LIST_SIZES)}"
+    for row in rows:
+        if row["operation"] == big and row["hpc_objects_per_s"] is not None:
+            rate = row["hpc_objects_per_s"]
+            verdict = "met" if rate >= HPC_MOVE_TARGET_OBJECTS_PER_S else "NOT met"
+            notes.append(
+                f"dataclay_hpc target for {row['title']}: >= "
+                f"{HPC_MOVE_TARGET_OBJECTS_PER_S:,} objects/s, {verdict} "
+                f"({rate:,.0f}/s)"
+            )
+    text.extend(f"- {note}" for note in notes)
     return "\n".join(text)
 
 
@@ -292,23 +460,40 @@ def machine_info() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the selected sides, print the table and write the JSON report.
+    """Run the selected sides and suites, print the tables, write the JSON report.
 
     Args:
         argv: command-line arguments without the program name.
 
     Returns:
-        0 when every selected side succeeded, 1 when one failed, 130 when
-        interrupted.
+        0 when every selected side ran every selected suite, 1 when a side or
+        a suite's process failed (single failed operations of the moves suite
+        are results, not failures), 130 when interrupted.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (~30 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument(
+        "--big",
+        action="store_true",
+        help=(
+            f"moves suite: {LIST_DEADLINE_S[True]:.0f} s deadline per list "
+            "operation, and lists of every size made persistent node by node "
+            "when one make_persistent fails (can take 20 minutes on dataClay)"
+        ),
+    )
     parser.add_argument(
         "--only",
         action="append",
         choices=SIDES,
         metavar="NAME",
         help="run only this side (hpc, dataclay, floor); may be repeated",
+    )
+    parser.add_argument(
+        "--suite",
+        action="append",
+        choices=SUITES,
+        metavar="NAME",
+        help="run only this suite (basic, moves); may be repeated",
     )
     parser.add_argument(
         "--json",
@@ -319,29 +504,50 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    selected = args.only or list(SIDES)
+    suites = tuple(suite for suite in SUITES if suite in (args.suite or SUITES))
+    options = Options(quick=args.quick, big=args.big, suites=suites)
+    selected = [
+        side
+        for side in SIDES
+        if side in (args.only or SIDES)
+        and any(side in SUITE_SIDES[suite] for suite in suites)
+    ]
+    for side in args.only or ():
+        if side not in selected:
+            logger.warning(
+                "%s runs none of the selected suites (%s)",
+                SIDE_TITLES[side],
+                ", ".join(suites),
+            )
     run_dir = _new_run_dir()
     logger.info("logs of this run: %s", run_dir)
 
     sides: dict[str, dict[str, Any]] = {}
     try:
-        for side in SIDES:
-            if side in selected:
-                sides[side] = _run_side(side, run_dir / side, args.quick)
+        for side in selected:
+            sides[side] = _run_side(side, run_dir / side, options)
     except KeyboardInterrupt:
         logger.error("interrupted; every process started was stopped")
         return 130
 
-    rows = build_table(sides)
-    print(format_table(rows, sides))
-    report = {
+    report: dict[str, Any] = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "options": asdict(options),
         "machine": machine_info(),
-        "table": rows,
-        "sides": sides,
-        "logs": str(run_dir),
     }
+    if "basic" in suites:
+        rows = build_table(sides)
+        print(format_table(rows, sides))
+        report["table"] = rows
+    if "moves" in suites:
+        move_rows = build_moves_table(sides)
+        if "basic" in suites:
+            print()
+        print(format_moves_table(move_rows, sides, options))
+        report["moves_table"] = move_rows
+    report["sides"] = sides
+    report["logs"] = str(run_dir)
     json_path = args.json or run_dir / "results.json"
     json_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"JSON report: {json_path}")
@@ -349,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _run_side(side: str, workdir: Path, quick: bool) -> dict[str, Any]:
+def _run_side(side: str, workdir: Path, options: Options) -> dict[str, Any]:
     workdir.mkdir(parents=True)
     busy_before = cpu_busy_fraction()
     if busy_before > BUSY_FRACTION:
@@ -363,20 +569,33 @@ def _run_side(side: str, workdir: Path, quick: bool) -> dict[str, Any]:
     start = time.monotonic()
     outcome: dict[str, Any] = {"cpu_busy_before": busy_before}
     try:
-        outcome["report"] = RUNNERS[side](workdir, quick)
+        outcome["suites"] = RUNNERS[side](workdir, options)
     except Exception as exc:  # noqa: BLE001 - one failed side must not stop the rest
         reason = str(exc).strip() or type(exc).__name__
         logger.error("%s failed: %s", SIDE_TITLES[side], reason)
-        outcome["status"] = f"failed: {reason.splitlines()[0]}"
-        outcome["error"] = reason
-    else:
-        outcome["status"] = "ok"
-        logger.info("%s done in %.1f s", SIDE_TITLES[side], time.monotonic() - start)
+        failed = {"status": f"failed: {reason.splitlines()[0]}", "error": reason}
+        outcome["suites"] = {
+            suite: dict(failed)
+            for suite in options.suites
+            if side in SUITE_SIDES[suite]
+        }
+    statuses = [
+        f"{suite}: {result['status']}"
+        for suite, result in outcome["suites"].items()
+        if result["status"] != "ok"
+    ]
+    outcome["status"] = f"failed: {'; '.join(statuses)}" if statuses else "ok"
     outcome["seconds"] = time.monotonic() - start
+    logger.info(
+        "%s done in %.1f s: %s",
+        SIDE_TITLES[side],
+        outcome["seconds"],
+        outcome["status"],
+    )
     return outcome
 
 
-def _run_workload(
+def _run_suites(
     name: str,
     *,
     python: str,
@@ -384,25 +603,56 @@ def _run_workload(
     client_args: list[str],
     env: dict[str, str],
     workdir: Path,
-    quick: bool,
-) -> dict[str, Any]:
-    out = workdir / f"{model}.json"
-    argv = [
-        python, str(BENCH_DIR / "ops.py"),
-        "--model", model,
-        "--backends", str(BACKENDS),
-        "--out", str(out),
-        *client_args,
-    ] + (["--quick"] if quick else [])  # fmt: skip
-    proc.run(
-        name,
-        argv,
-        env=env,
-        cwd=workdir,
-        log_path=workdir / f"{model}.log",
-        timeout_s=WORKLOAD_TIMEOUT_S[quick],
-    )
-    return _read_json(out)
+    options: Options,
+) -> dict[str, dict[str, Any]]:
+    # Each suite in its own process; one failing does not stop the next.
+    outcomes: dict[str, dict[str, Any]] = {}
+    for suite in options.suites:
+        if suite == "basic":
+            script, extra = "ops.py", []
+            out = workdir / f"{model}.json"
+            timeout_s = WORKLOAD_TIMEOUT_S[options.quick]
+        else:
+            script = "moves.py"
+            extra = [
+                "--deadline", str(options.list_deadline_s),
+                "--node-by-node-max", str(options.node_by_node_max),
+                "--sizes", ",".join(str(nodes) for nodes in LIST_SIZES),
+            ]  # fmt: skip
+            out = workdir / f"{model}-moves.json"
+            timeout_s = MOVES_BASE_TIMEOUT_S + 4 * options.list_deadline_s
+        argv = [
+            python, str(BENCH_DIR / script),
+            "--model", model,
+            "--backends", str(BACKENDS),
+            "--out", str(out),
+            *client_args,
+            *extra,
+        ] + (["--quick"] if options.quick else [])  # fmt: skip
+        logger.info("%s: %s suite", name, suite)
+        try:
+            proc.run(
+                f"{name} {suite} workload",
+                argv,
+                env=env,
+                cwd=workdir,
+                log_path=out.with_suffix(".log"),
+                timeout_s=timeout_s,
+            )
+            outcomes[suite] = {"status": "ok", "report": _read_json(out)}
+        except Exception as exc:  # noqa: BLE001 - reported, the next suite runs
+            reason = str(exc).strip() or type(exc).__name__
+            logger.error("%s %s suite failed: %s", name, suite, reason)
+            outcomes[suite] = {
+                "status": f"failed: {reason.splitlines()[0]}",
+                "error": reason,
+            }
+            # The moves workload rewrites its report after every operation:
+            # keep what it measured before it failed.
+            if suite == "moves" and out.exists():
+                with contextlib.suppress(OSError, ValueError):
+                    outcomes[suite]["report"] = _read_json(out)
+    return outcomes
 
 
 def _cpu_times() -> list[int]:
@@ -446,6 +696,58 @@ def _time_ratio(
     if unit == "GB/s":
         return denominator / numerator
     return numerator / denominator
+
+
+def _suite(
+    sides: dict[str, dict[str, Any]], side: str, suite: str
+) -> dict[str, Any] | None:
+    # The outcome of one suite on one side; None when it was not run.
+    suites: dict[str, dict[str, Any]] = sides.get(side, {}).get("suites", {})
+    return suites.get(suite)
+
+
+def _move_entry(
+    sides: dict[str, dict[str, Any]], side: str, key: str
+) -> dict[str, Any]:
+    outcome = _suite(sides, side, "moves")
+    if outcome is None:
+        return {"status": "not run"}
+    entry = outcome.get("report", {}).get("results", {}).get(key)
+    if entry is not None:
+        return dict(entry)
+    if outcome["status"] != "ok":
+        return {"status": f"not measured (the workload {outcome['status']})"}
+    return {"status": "not measured"}
+
+
+def _move_cell(row: dict[str, Any], side: str) -> str:
+    status = row[f"{side}_status"]
+    value = row[side]
+    if status == "ok" and value is not None:
+        if row["unit"] == "us":
+            return f"{value:.1f}"
+        return f"{value:.3f} s, {row[f'{side}_objects_per_s']:,.0f}/s"
+    if status.startswith("timeout"):
+        return status
+    if status.startswith("failed: "):
+        # The exception type only; the notes under the table give the message.
+        reason = status.removeprefix("failed: ")
+        head = reason.split(":", 1)[0]
+        return f"failed: {head}" if head.isidentifier() else "failed"
+    return status.split(":", 1)[0].split(" (", 1)[0]
+
+
+def _render(lines: list[list[str]]) -> list[str]:
+    widths = [max(len(line[col]) for line in lines) for col in range(len(lines[0]))]
+    text = [
+        " | ".join(
+            cell.ljust(width) if col == 0 else cell.rjust(width)
+            for col, (cell, width) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ]
+    text.insert(1, "-+-".join("-" * width for width in widths))
+    return text
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
