@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -51,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
+
+
+# results that pickle without the job's pickler (nothing persistent inside)
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
 
 
 class _MovedAway(Exception):
@@ -341,6 +346,8 @@ class Backend:
         return ERROR, (exc, text, self.rank, self.host)
 
     def _dump_reply(self, op: str, reply: tuple[int, Any]):
+        if type(reply[1]) in _PLAIN_TYPES:  # no object can hide in it
+            return pickle.dumps(reply, protocol=5), 0, ()
         try:
             return serialization.dumps(reply, self.register_new, ship=False)
         except Exception as exc:  # noqa: BLE001
@@ -679,9 +686,14 @@ class Backend:
             meta.original_object_id, type(version), meta.original_backend_id
         )
         expected = meta.base_stamp if check else None
-        self.runtime.object_request(
-            original, "take_state", version._dc_get_state(), expected, meta.id
-        )
+        state = version._dc_get_state()
+        if original.__dict__["_dc_is_local"]:
+            # the version is retired right after: its values can go over as they are
+            self._op_take_state([], original, state, expected, meta.id)
+        else:
+            self.runtime.object_request(
+                original, "take_state", state, expected, meta.id
+            )
         for object_id in [*meta.versions_object_ids, meta.id]:
             self._retire(object_id, original)
         logger.debug("version %s consolidated into %s", meta.id, original._dc_meta.id)

@@ -202,13 +202,11 @@ class Runtime:
     def _register_for(
         self, backend_id: uuid.UUID, session: Session | None = None
     ) -> Callable[[DataClayObject], None]:
-        dataset = (session or current_session()).dataset
-
         def register(obj: DataClayObject) -> None:
             meta = obj._dc_meta
             meta.master_backend_id = backend_id
             if meta.dataset_name is None:
-                meta.dataset_name = dataset
+                meta.dataset_name = (session or current_session()).dataset
             obj.__dict__["_dc_is_registered"] = True
             # before the request: an answer that refers to it must find it
             heap_add(obj)
