@@ -509,10 +509,10 @@ class Backend:
                 if backend_id is None:
                     for object_id in ids:
                         try:
-                            where = self.runtime._locate(object_id)
+                            located = self.runtime._locate(object_id)
                         except ObjectDoesNotExistError:
                             continue  # a discarded version: nothing to move
-                        found.setdefault(where, []).append(object_id)
+                        found.setdefault(located, []).append(object_id)
                     continue
                 if backend_id == self.backend_id:
                     shipped, outside = self._ship_closure(ids, target, visited)
@@ -629,6 +629,9 @@ class Backend:
         if not obj.__dict__["_dc_is_loaded"]:
             self.load(obj)
         meta = obj._dc_meta
+        original_id: uuid.UUID
+        original_backend: uuid.UUID | None
+        base_stamp: str | None
         if meta.original_object_id is None:
             original_id, chain = meta.id, []
             original_backend, base_stamp = self.backend_id, self._stamp(obj)
@@ -682,6 +685,7 @@ class Backend:
         if not version.__dict__["_dc_is_loaded"]:
             self.load(version)
         meta = version._dc_meta
+        assert meta.original_object_id is not None  # checked by _version_of
         original = heap_get_or_create(
             meta.original_object_id, type(version), meta.original_backend_id
         )

@@ -7,6 +7,8 @@ class, with the backend's traceback chained as the cause.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "AliasAlreadyExistError",
     "AliasDoesNotExistError",
@@ -88,9 +90,9 @@ class ObjectDoesNotExistError(DoesNotExistError):
 class BackendDoesNotExistError(DoesNotExistError):
     """A backend id that is not part of the job."""
 
-    def __init__(self, backend_id: object, known: object = ()) -> None:
+    def __init__(self, backend_id: object, known: Iterable[object] = ()) -> None:
         self.backend_id = backend_id
-        self.known = tuple(known)  # type: ignore[arg-type]
+        self.known = tuple(known)
         names = ", ".join(str(b) for b in self.known) or "none"
         super().__init__(
             f"backend {backend_id} does not exist in this job; valid backend ids "

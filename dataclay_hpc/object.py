@@ -296,7 +296,8 @@ class _DataClayMeta(type):
             for attr in getattr(base, "_dc_properties", ()):
                 if attr not in inherited:
                     inherited.append(attr)
-        cls._dc_properties = tuple(inherited + [a for a in own if a not in inherited])
+        properties = tuple(inherited + [a for a in own if a not in inherited])
+        cls._dc_properties = properties  # type: ignore[attr-defined]
         PICKLE_DISPATCH[cls] = _reduce_object
         return cls
 

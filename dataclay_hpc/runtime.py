@@ -162,11 +162,11 @@ class Runtime:
             raise _Moved(value)
         if status == REDIRECTED:
             raise _Redirected(value)
-        exc, remote_tb, rank, host = value
-        exc.__cause__ = RemoteTraceback(
+        error, remote_tb, rank, host = value
+        error.__cause__ = RemoteTraceback(
             f"raised on backend rank {rank} (host {host}):\n{remote_tb}"
         )
-        raise exc
+        raise error
 
     def object_request(self, obj: DataClayObject, op: str, *args: Any) -> Any:
         """Send a request about ``obj`` to its backend.
@@ -241,7 +241,7 @@ class Runtime:
             target = random.choice(self._backend_ids)
         else:
             target = self.backend_id(backend_id)
-        home = self.alias_home(session.dataset, alias) if alias is not None else None
+        home = target if alias is None else self.alias_home(session.dataset, alias)
         if alias is not None and home != target:
             # reserve the alias first: a taken alias leaves nothing behind
             meta = obj.__dict__["_dc_meta"]

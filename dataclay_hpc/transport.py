@@ -83,7 +83,7 @@ def _read_buffer(rfile, size: int):
     import numpy
 
     buffer = numpy.empty(size, dtype=numpy.uint8)
-    view = memoryview(buffer).cast("B")
+    view = memoryview(buffer.data).cast("B")
     done = 0
     while done < size:
         got = rfile.readinto(view[done:])
