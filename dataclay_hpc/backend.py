@@ -268,6 +268,7 @@ class Backend:
     def _materialize_records(self, records: list[serialization.Record]) -> None:
         done: list[DataClayObject] = []
         backend_id = self.backend_id
+        moved = self.moved
         try:
             for cls, meta, state in records:
                 object_id = meta.id
@@ -282,7 +283,8 @@ class Backend:
                 done.append(obj)
                 obj._dc_set_state(state)
                 self.objects[object_id] = obj
-                self.moved.pop(object_id, None)
+                if moved:
+                    moved.pop(object_id, None)
         except BaseException:
             for obj in done:
                 self.objects.pop(obj._dc_meta.id, None)

@@ -44,10 +44,18 @@ class ObjectMetadata:
 
     def __reduce__(self) -> tuple[Any, tuple]:
         # plain ints and strings: a dataclass's default reduction is ~4x slower
+        master = self.master_backend_id
+        if self.original_object_id is None:  # not a version: the short form
+            return _plain_metadata, (
+                self.id.int,
+                self.class_name,
+                None if master is None else master.int,
+                self.dataset_name,
+            )
         return _metadata, (
             self.id.int,
             self.class_name,
-            _int(self.master_backend_id),
+            _int(master),
             self.dataset_name,
             _int(self.original_object_id),
             [v.int for v in self.versions_object_ids],
@@ -85,6 +93,20 @@ _UNKNOWN_SAFETY = uuid.SafeUUID.unknown
 
 def _uuid(value: int | None) -> uuid.UUID | None:
     return None if value is None else fast_uuid(value)
+
+
+def _plain_metadata(
+    object_id: int,
+    class_name: str,
+    master_backend_id: int | None,
+    dataset_name: str | None,
+) -> ObjectMetadata:
+    return ObjectMetadata(
+        fast_uuid(object_id),
+        class_name,
+        None if master_backend_id is None else fast_uuid(master_backend_id),
+        dataset_name,
+    )
 
 
 def _metadata(

@@ -279,6 +279,17 @@ def _is_persistent_annotation(name: str, annotation: Any) -> bool:
     return "ClassVar" not in text
 
 
+def _custom_getstate(cls: type) -> Callable[[Any], Any] | None:
+    getstate = getattr(cls, "__getstate__", None)
+    if getstate is None or getstate is getattr(object, "__getstate__", None):
+        return None
+    return getstate
+
+
+def _custom_setstate(cls: type) -> Callable[[Any, Any], None] | None:
+    return getattr(cls, "__setstate__", None)
+
+
 class _DataClayMeta(type):
     """Turns annotations into persistent attributes.
 
@@ -298,6 +309,9 @@ class _DataClayMeta(type):
                     inherited.append(attr)
         properties = tuple(inherited + [a for a in own if a not in inherited])
         cls._dc_properties = properties  # type: ignore[attr-defined]
+        # looked up once: they are consulted for every state sent or stored
+        cls._dc_getstate = _custom_getstate(cls)  # type: ignore[attr-defined]
+        cls._dc_setstate = _custom_setstate(cls)  # type: ignore[attr-defined]
         PICKLE_DISPATCH[cls] = _reduce_object
         return cls
 
@@ -326,6 +340,8 @@ class DataClayObject(metaclass=_DataClayMeta):
     """
 
     _dc_properties: ClassVar[tuple[str, ...]] = ()
+    _dc_getstate: ClassVar[Callable[[Any], Any] | None] = None
+    _dc_setstate: ClassVar[Callable[[Any, Any], None] | None] = None
     _dc_meta: ObjectMetadata
     _dc_is_registered: bool
     _dc_is_local: bool
@@ -345,7 +361,7 @@ class DataClayObject(metaclass=_DataClayMeta):
 
     def _dc_get_state(self) -> Any:
         """Return the persistent state (``__getstate__`` when the class has one)."""
-        getstate = _custom_getstate(type(self))
+        getstate = type(self)._dc_getstate
         if getstate is not None:
             return getstate(self)
         state = self.__dict__
@@ -353,7 +369,7 @@ class DataClayObject(metaclass=_DataClayMeta):
 
     def _dc_set_state(self, state: Any) -> None:
         """Install a state made by ``_dc_get_state`` (``__setstate__`` if defined)."""
-        setstate = _custom_setstate(type(self))
+        setstate = type(self)._dc_setstate
         if setstate is not None:
             setstate(self, state)
         else:
@@ -364,7 +380,7 @@ class DataClayObject(metaclass=_DataClayMeta):
         state = self.__dict__
         for name in self._dc_properties:
             state.pop(name, None)
-        if _custom_getstate(type(self)) is not None:
+        if type(self)._dc_getstate is not None:
             keep = {"_dc_meta", "_dc_is_registered", "_dc_is_local", "_dc_is_loaded"}
             for name in [n for n in state if n not in keep]:
                 del state[name]
@@ -616,14 +632,3 @@ class DataClayObject(metaclass=_DataClayMeta):
 
 
 StorageObject = DataClayObject
-
-
-def _custom_getstate(cls: type) -> Callable[[Any], Any] | None:
-    getstate = getattr(cls, "__getstate__", None)
-    if getstate is None or getstate is getattr(object, "__getstate__", None):
-        return None
-    return getstate
-
-
-def _custom_setstate(cls: type) -> Callable[[Any, Any], None] | None:
-    return getattr(cls, "__setstate__", None)

@@ -129,11 +129,9 @@ class Runtime:
         message = (op, session.username, session.dataset, args)
         new_objects: list[DataClayObject] = []
         registered: list[DataClayObject] = []
-        if register is not None:
-            register = _recording(register, registered)
         try:
             payload, count, buffers = serialization.dumps(
-                message, register, new_objects, follow=follow
+                message, register, new_objects, follow=follow, registered=registered
             )
         except serialization.ClassImportError:
             _unregister(registered)
@@ -390,16 +388,6 @@ class _Moved(Exception):
     def __init__(self, backend_id: uuid.UUID) -> None:
         super().__init__(backend_id)
         self.backend_id = backend_id
-
-
-def _recording(
-    register: Callable[[DataClayObject], None], registered: list[DataClayObject]
-) -> Callable[[DataClayObject], None]:
-    def record(obj: DataClayObject) -> None:
-        register(obj)
-        registered.append(obj)
-
-    return record
 
 
 def _unregister(objects: list[DataClayObject]) -> None:

@@ -112,6 +112,7 @@ def _reduce_object(obj: DataClayObject) -> Any:
             )
         pickler.register(obj)
         pickler.new_objects.append(obj)
+        pickler.registered.append(obj)
     elif pickler.follow is not None and pickler.follow(obj):
         pickler.new_objects.append(obj)
     backend_id = None if pickler.stable else meta.master_backend_id
@@ -147,6 +148,8 @@ class _Pickler(pickle.Pickler):
         )
         self.register = register
         self.new_objects: list[DataClayObject] = []
+        # the volatile ones among new_objects, handed to register
+        self.registered: list[DataClayObject] = []
         # called for each persistent object met; True adds its record
         self.follow: Any = None
         # references without their (changing) backend, for digests
@@ -168,7 +171,9 @@ class _MessagePickler(_Pickler):
         self.buffers: list[Any] = []
         super().__init__(self.file, self.buffers, None)
 
-    def reset(self, register: Any, new_objects: list, follow: Any) -> None:
+    def reset(
+        self, register: Any, new_objects: list, follow: Any, registered: list
+    ) -> None:
         self.file.seek(0)
         self.file.truncate()
         self.clear_memo()
@@ -176,6 +181,7 @@ class _MessagePickler(_Pickler):
         self.register = register
         self.new_objects = new_objects
         self.follow = follow
+        self.registered = registered
 
     def release(self) -> None:
         # drop what the last message referenced; reset() clears the rest
@@ -183,6 +189,7 @@ class _MessagePickler(_Pickler):
         self.register = None
         self.new_objects = []
         self.follow = None
+        self.registered = []
 
 
 _per_thread = threading.local()
@@ -220,6 +227,7 @@ def dumps(
     *,
     ship: bool = True,
     follow: Any = None,
+    registered: list | None = None,
 ) -> tuple[bytes, int, list[Any]]:
     """Pickle ``message`` followed by one record per volatile object it reaches.
 
@@ -234,6 +242,8 @@ def dumps(
             when ``register`` keeps them where they are.
         follow: Called with each persistent object met; when it returns true,
             the object's record is written too (and it joins ``new_objects``).
+        registered: Filled with the objects handed to ``register`` (a part of
+            ``new_objects``), also when pickling fails half-way.
 
     Returns:
         ``(payload, number of records, out-of-band buffers)``.
@@ -241,7 +251,9 @@ def dumps(
     if new_objects is None:
         new_objects = []
     pickler = _take_pickler()
-    pickler.reset(register or _refuse_volatile, new_objects, follow)
+    if registered is None:
+        registered = []
+    pickler.reset(register or _refuse_volatile, new_objects, follow, registered)
     pause = contextlib.ExitStack()
     try:
         pickler.dump(message)
