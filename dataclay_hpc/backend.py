@@ -599,12 +599,19 @@ class Backend:
             serialization.dumps(roots, self.register_new, handled, follow=follow)
             return [o._dc_meta.id for o in handled], outside
         shipped: list[DataClayObject] = []
+
+        def ship(ref: DataClayObject) -> bool:
+            if follow(ref):
+                shipped.append(ref)
+                return True
+            return False
+
         self.runtime.request(
             target,
             "receive_objects",
             (roots,),
             register=self.runtime._register_for(target),
-            follow=_collecting(follow, shipped),
+            follow=ship,
         )
         for obj in shipped:
             meta = obj._dc_meta
@@ -802,18 +809,6 @@ class Backend:
     def _op_shutdown(self, records: list) -> None:
         logger.info("backend rank %d asked to stop", self.rank)
         self.stopped.set()
-
-
-def _collecting(
-    follow: Callable[[DataClayObject], bool], into: list[DataClayObject]
-) -> Callable[[DataClayObject], bool]:
-    def collect(obj: DataClayObject) -> bool:
-        if follow(obj):
-            into.append(obj)
-            return True
-        return False
-
-    return collect
 
 
 def _current_session_or_none() -> Session | None:
