@@ -1,34 +1,41 @@
 """Side-by-side benchmark: dataclay_hpc, dataClay 4.3.1 and an MPI ping-pong floor.
 
-Usage: ``python benchmarks/run.py [--quick] [--big] [--only NAME] [--suite NAME]
-[--json OUT]``.
+Usage: ``python benchmarks/run.py [--quick] [--big] [--rounds N] [--only NAME]
+[--suite NAME] [--json OUT]``.
 
 Sets up what is missing (dataClay venv, redis, mpi4py + mpich), then runs, one
-after another in this invocation on this machine:
+after another in this invocation on this machine, in ``--rounds`` interleaved
+rounds (hpc, dataclay, floor, hpc, dataclay, floor, ...):
 
 - ``hpc``: the workloads with ``model_hpc`` in the current environment;
   ``Client()`` starts an embedded local job with 2 backends;
 - ``dataclay``: the same workloads with ``model_dataclay`` in the dataClay venv,
-  against redis + metadata service + 2 backends started here and stopped after;
+  against redis + metadata service + 2 backends started before its first
+  round and stopped after the last;
 - ``floor``: ``pingpong.py`` under the mpich wheel's ``mpiexec -n 2``.
 
 Two workload suites: ``basic`` (``ops.py``: attribute access, activemethod,
 make_persistent, get_by_alias, a 100 MB array; the floor belongs to it) and
 ``moves`` (``moves.py``: move, recursive move of linked lists, versioning; hpc
-and dataClay only). Each suite runs in its own process; a side or suite that
-fails is reported as failed and the others still run. Prints one table per
-suite and writes every number to JSON.
+and dataClay only; run in the first round only). Each suite runs in its own
+process; a side or suite that fails is reported as failed and the others still
+run. The basic table shows, per operation, the median over rounds of each
+side's time and the median (and range) of the ratios computed within each
+round. Prints one table per suite and writes every round to JSON.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
 import platform
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -54,6 +61,10 @@ RUNS_KEPT = 5
 BACKENDS = 2
 #: Deadline for one workload run, in seconds (full, quick).
 WORKLOAD_TIMEOUT_S = (900.0, 300.0)
+#: Joins the ends of a range in the table (an en dash).
+RANGE_DASH = "\u2013"
+#: Rounds of the basic suite (full, quick); each round runs every side once.
+DEFAULT_ROUNDS = (3, 1)
 #: Deadline for the MPI ping-pong, in seconds.
 FLOOR_TIMEOUT_S = 300.0
 #: Lengths of the linked lists of the moves suite.
@@ -117,11 +128,13 @@ class Options:
         quick: fewer repeats.
         big: long deadlines and the node-by-node fallback for every list size.
         suites: the selected suites, in ``SUITES`` order.
+        rounds: rounds of the basic suite (the moves suite runs in the first).
     """
 
     quick: bool
     big: bool
     suites: tuple[str, ...]
+    rounds: int = 1
 
     @property
     def list_deadline_s(self) -> float:
@@ -162,39 +175,96 @@ def run_hpc(workdir: Path, options: Options) -> dict[str, dict[str, Any]]:
     )
 
 
-def run_dataclay(workdir: Path, options: Options) -> dict[str, dict[str, Any]]:
-    """Start dataClay 4.3.1 on loopback, run the selected suites, stop dataClay.
+class SharedDataClay:
+    """One dataClay 4.3.1 deployment shared by every round of a run.
+
+    Started by the first :meth:`get`, stopped by :meth:`close`. A deployment
+    that failed to start is not retried: later calls raise the same error.
+
+    Args:
+        workdir: empty directory for the services' logs and storage.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        """Describe the deployment; nothing starts before :meth:`get`."""
+        self.workdir = workdir
+        self.python: Path | None = None
+        self.start_s: float | None = None
+        self._deployment: DataClayDeployment | None = None
+        self._error: Exception | None = None
+
+    def get(self) -> DataClayDeployment:
+        """Return the running deployment, starting it on the first call.
+
+        Raises:
+            Exception: the setup or a service failed (now or on an earlier call).
+        """
+        if self._error is not None:
+            raise self._error
+        if self._deployment is None:
+            start = time.monotonic()
+            try:
+                self.python = setup_env.ensure_dataclay_venv(DATACLAY_VENV)
+                setup_env.ensure_redis()
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                deployment = DataClayDeployment(
+                    self.python, self.workdir, BENCH_DIR, BACKENDS
+                )
+                deployment.__enter__()
+            except Exception as exc:
+                self._error = exc
+                raise
+            self._deployment = deployment
+            self.start_s = time.monotonic() - start
+        return self._deployment
+
+    def close(self) -> None:
+        """Stop the deployment, if it runs, and remove its storage."""
+        if self._deployment is not None:
+            deployment, self._deployment = self._deployment, None
+            deployment.stop()
+        for storage in self.workdir.glob("storage-*"):
+            shutil.rmtree(storage, ignore_errors=True)
+
+
+def run_dataclay(
+    workdir: Path, options: Options, shared: SharedDataClay | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run the selected suites on dataClay 4.3.1 started on loopback.
 
     Both suites run against the same deployment, one after the other.
 
     Args:
-        workdir: empty directory for this side's logs, storage and output.
+        workdir: empty directory for this side's logs and output.
         options: what to run.
+        shared: the deployment to use (started if it is not yet up); None
+            starts one in ``workdir`` for this call only and stops it after.
 
     Returns:
         Suite name to its outcome (``status``, ``report``, ``error``).
     """
-    python = setup_env.ensure_dataclay_venv(DATACLAY_VENV)
-    setup_env.ensure_redis()
-
+    own = shared is None
+    if shared is None:
+        shared = SharedDataClay(workdir)
     try:
-        with DataClayDeployment(python, workdir, BENCH_DIR, BACKENDS) as deployment:
-            client_args = [
-                "--host", deployment.host,
-                "--port", str(deployment.metadata_port),
-            ]  # fmt: skip
-            return _run_suites(
-                "dataClay",
-                python=str(python),
-                model="model_dataclay",
-                client_args=client_args,
-                env=deployment.env(),
-                workdir=workdir,
-                options=options,
-            )
+        deployment = shared.get()
+        assert shared.python is not None
+        client_args = [
+            "--host", deployment.host,
+            "--port", str(deployment.metadata_port),
+        ]  # fmt: skip
+        return _run_suites(
+            "dataClay",
+            python=str(shared.python),
+            model="model_dataclay",
+            client_args=client_args,
+            env=deployment.env(),
+            workdir=workdir,
+            options=options,
+        )
     finally:
-        for storage in workdir.glob("storage-*"):
-            shutil.rmtree(storage, ignore_errors=True)
+        if own:
+            shared.close()
 
 
 def run_floor(workdir: Path, options: Options) -> dict[str, dict[str, Any]]:
@@ -283,32 +353,91 @@ def build_table(sides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(rows: list[dict[str, Any]], sides: dict[str, dict[str, Any]]) -> str:
+def combine_rounds(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Combine the per-round rows of the basic suite into one row per operation.
+
+    Each side's value is the median over the rounds that measured it. Each
+    ratio is the median of the ratios computed within each round (both sides
+    measured in the same round), not the ratio of the medians; ``*_min`` and
+    ``*_max`` give its range. ``*_rounds`` keep every round's value (None where
+    a round did not measure it).
+
+    Args:
+        tables: one list of rows from :func:`build_table` per round.
+
+    Returns:
+        One row per operation, with the keys of :func:`build_table` plus the
+        ranges, the per-round values and ``rounds`` (how many were combined).
+    """
+    rows = []
+    for index, (key, title, unit) in enumerate(OPERATIONS):
+        per_round = [table[index] for table in tables]
+        row: dict[str, Any] = {"operation": key, "title": title, "unit": unit}
+        for name in (*SIDES, "ratio_dataclay_hpc", "ratio_hpc_floor"):
+            values = [entry[name] for entry in per_round]
+            measured = [value for value in values if value is not None]
+            row[name] = statistics.median(measured) if measured else None
+            row[f"{name}_rounds"] = values
+            if name.startswith("ratio_"):
+                row[f"{name}_min"] = min(measured) if measured else None
+                row[f"{name}_max"] = max(measured) if measured else None
+        row["rounds"] = len(tables)
+        rows.append(row)
+    return rows
+
+
+def format_table(
+    rows: list[dict[str, Any]], rounds: list[dict[str, dict[str, Any]]]
+) -> str:
     """Render the basic rows as a plain-text table with a note per failed side.
 
     Args:
-        rows: from :func:`build_table`.
-        sides: side name to its outcome.
+        rows: from :func:`combine_rounds`.
+        rounds: per round, side name to its outcome.
 
     Returns:
         The table.
     """
+    several = len(rounds) > 1
     header = ["operation", *(SIDE_TITLES[side] for side in SIDES)]
-    header += ["ratio dataClay/hpc", "ratio hpc/floor"]
+    spread = f" (min{RANGE_DASH}max)" if several else ""
+    header += [f"ratio dataClay/hpc{spread}", f"ratio hpc/floor{spread}"]
     lines = [header]
     for row in rows:
         cells = [f"{row['title']} ({'µs' if row['unit'] == 'us' else 'GB/s'})"]
         for side in SIDES:
-            cells.append(_cell(row[side], row["unit"], _suite(sides, side, "basic")))
-        for ratio in (row["ratio_dataclay_hpc"], row["ratio_hpc_floor"]):
-            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+            outcome = next(
+                (
+                    suite
+                    for sides in rounds
+                    if (suite := _suite(sides, side, "basic")) is not None
+                ),
+                None,
+            )
+            cells.append(_cell(row[side], row["unit"], outcome))
+        for name in ("ratio_dataclay_hpc", "ratio_hpc_floor"):
+            ratio = row[name]
+            cell = "-" if ratio is None else _ratio(ratio)
+            if ratio is not None and several:
+                low = _ratio(row[f"{name}_min"], "")
+                high = _ratio(row[f"{name}_max"], "")
+                cell += f" ({low}{RANGE_DASH}{high})"
+            cells.append(cell)
         lines.append(cells)
 
-    text = _render(lines)
+    title = (
+        f"basic operations, {len(rounds)} rounds: each side's median over rounds; "
+        f"ratios: median (min{RANGE_DASH}max) of the ratios within each round"
+        if several
+        else "basic operations, 1 round"
+    )
+    text = [title, *_render(lines)]
     for side in SIDES:
-        status = (_suite(sides, side, "basic") or {}).get("status", "not run")
-        if status != "ok":
-            text.append(f"{SIDE_TITLES[side]}: {status}")
+        for number, sides in enumerate(rounds, 1):
+            status = (_suite(sides, side, "basic") or {}).get("status", "not run")
+            if status != "ok":
+                where = f", round {number}" if several else ""
+                text.append(f"{SIDE_TITLES[side]}{where}: {status}")
     return "\n".join(text)
 
 
@@ -482,6 +611,16 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help=(
+            "interleaved rounds of the basic suite, each running every side "
+            f"once (default {DEFAULT_ROUNDS[0]}, {DEFAULT_ROUNDS[1]} with "
+            "--quick); the moves suite runs in the first round only"
+        ),
+    )
+    parser.add_argument(
         "--only",
         action="append",
         choices=SIDES,
@@ -501,11 +640,17 @@ def main(argv: list[str] | None = None) -> int:
         help="report file (default: results.json in the run's log directory)",
     )
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     suites = tuple(suite for suite in SUITES if suite in (args.suite or SUITES))
-    options = Options(quick=args.quick, big=args.big, suites=suites)
+    rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS[args.quick]
+    if "basic" not in suites and rounds > 1:
+        logger.warning("the moves suite runs once; --rounds %d ignored", rounds)
+        rounds = 1
+    options = Options(quick=args.quick, big=args.big, suites=suites, rounds=rounds)
     selected = [
         side
         for side in SIDES
@@ -522,23 +667,52 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = _new_run_dir()
     logger.info("logs of this run: %s", run_dir)
 
-    sides: dict[str, dict[str, Any]] = {}
+    # Interleaved rounds: hpc, dataclay, floor, hpc, dataclay, floor, ... The
+    # moves suite runs in the first round only; dataClay stays up throughout.
+    shared = SharedDataClay(run_dir / "dataclay-services")
+    runners = dict(RUNNERS)
+    runners["dataclay"] = functools.partial(run_dataclay, shared=shared)
+    rounds_run: list[dict[str, dict[str, Any]]] = []
+    start = time.monotonic()
     try:
-        for side in selected:
-            sides[side] = _run_side(side, run_dir / side, options)
+        for number in range(1, rounds + 1):
+            round_suites = suites if number == 1 else ("basic",)
+            round_options = dataclasses.replace(options, suites=round_suites)
+            sides_of_round: dict[str, dict[str, Any]] = {}
+            if rounds > 1:
+                logger.info("round %d of %d", number, rounds)
+            for side in selected:
+                if not any(side in SUITE_SIDES[suite] for suite in round_suites):
+                    continue
+                workdir = (
+                    run_dir / side if rounds == 1 else run_dir / f"round{number}" / side
+                )
+                sides_of_round[side] = _run_side(
+                    side, workdir, round_options, runners[side]
+                )
+            rounds_run.append(sides_of_round)
     except KeyboardInterrupt:
         logger.error("interrupted; every process started was stopped")
         return 130
+    finally:
+        shared.close()
+    total_s = time.monotonic() - start
+    # ``sides`` keeps its shape: each side's outcome in the first round, where
+    # every selected suite ran; every round is under ``rounds``.
+    sides = rounds_run[0]
 
     report: dict[str, Any] = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "options": asdict(options),
         "machine": machine_info(),
+        "seconds": total_s,
+        "dataclay_start_s": shared.start_s,
     }
+    round_tables = [build_table(sides_of_round) for sides_of_round in rounds_run]
     if "basic" in suites:
-        rows = build_table(sides)
-        print(format_table(rows, sides))
+        rows = combine_rounds(round_tables)
+        print(format_table(rows, rounds_run))
         report["table"] = rows
     if "moves" in suites:
         move_rows = build_moves_table(sides)
@@ -547,15 +721,32 @@ def main(argv: list[str] | None = None) -> int:
         print(format_moves_table(move_rows, sides, options))
         report["moves_table"] = move_rows
     report["sides"] = sides
+    report["rounds"] = [
+        {"round": number, "sides": sides_of_round, "table": table}
+        for number, (sides_of_round, table) in enumerate(
+            zip(rounds_run, round_tables, strict=True), 1
+        )
+    ]
     report["logs"] = str(run_dir)
     json_path = args.json or run_dir / "results.json"
     json_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print(f"JSON report: {json_path}")
-    failed = [side for side in selected if sides[side]["status"] != "ok"]
+    print(f"{rounds} round{'s' if rounds > 1 else ''} in {total_s:.0f} s")
+    failed = [
+        side
+        for sides_of_round in rounds_run
+        for side, outcome in sides_of_round.items()
+        if outcome["status"] != "ok"
+    ]
     return 1 if failed else 0
 
 
-def _run_side(side: str, workdir: Path, options: Options) -> dict[str, Any]:
+def _run_side(
+    side: str,
+    workdir: Path,
+    options: Options,
+    runner: Callable[[Path, Options], dict[str, dict[str, Any]]],
+) -> dict[str, Any]:
     workdir.mkdir(parents=True)
     busy_before = cpu_busy_fraction()
     if busy_before > BUSY_FRACTION:
@@ -569,7 +760,7 @@ def _run_side(side: str, workdir: Path, options: Options) -> dict[str, Any]:
     start = time.monotonic()
     outcome: dict[str, Any] = {"cpu_busy_before": busy_before}
     try:
-        outcome["suites"] = RUNNERS[side](workdir, options)
+        outcome["suites"] = runner(workdir, options)
     except Exception as exc:  # noqa: BLE001 - one failed side must not stop the rest
         reason = str(exc).strip() or type(exc).__name__
         logger.error("%s failed: %s", SIDE_TITLES[side], reason)
@@ -685,6 +876,11 @@ def _cell(value: float | None, unit: str, outcome: dict[str, Any] | None) -> str
     if outcome is None:
         return "not run"
     return "failed"
+
+
+def _ratio(value: float, suffix: str = "x") -> str:
+    # Two decimals below 10, one above: enough for numbers this noisy.
+    return f"{value:.2f}{suffix}" if value < 10 else f"{value:.1f}{suffix}"
 
 
 def _time_ratio(

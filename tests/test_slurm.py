@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import DATACLAY_HPC, run
@@ -151,3 +152,157 @@ def test_a_batch_job_completes(driver, tmp_path):
     info = run(["scontrol", "show", "job", job_id], timeout_s=15).stdout
     assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info
     assert "backends=3 job=" + job_id in output.read_text()
+
+
+# -- job scripts: jobs/, slurm/ templates and `dataclay-hpc submit` ------------------
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS = sorted((REPO / "jobs").glob("*.sbatch"))
+SUCCESS = {
+    "quickstart.sbatch": "quickstart: OK",
+    "move_and_versions.sbatch": ("move_and_versions: OK"),
+}
+JOB_DEADLINE_S = 240
+
+
+def _wait_finished(job_id: str, timeout_s: float = JOB_DEADLINE_S) -> str:
+    """Wait until the job leaves squeue; return `scontrol show job`."""
+    deadline = time.monotonic() + timeout_s
+    state = ""
+    while time.monotonic() < deadline:
+        state = run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T"], timeout_s=15
+        ).stdout.strip()
+        if not state:
+            return run(["scontrol", "show", "job", job_id], timeout_s=15).stdout
+        time.sleep(0.2)
+    subprocess.run(["scancel", job_id], timeout=15)
+    pytest.fail(f"job {job_id} still {state} after {timeout_s} s")
+
+
+def _sbatch(args: list[str], **kwargs) -> str:
+    submitted = run(["sbatch", "--parsable", *args], timeout_s=30, **kwargs)
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+def test_every_job_in_jobs_has_a_success_line():
+    assert sorted(SUCCESS) == [path.name for path in JOBS]
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda path: path.name)
+def test_every_job_script_completes_from_the_repository_root(job, tmp_path):
+    output = tmp_path / "job.out"
+    job_id = _sbatch([f"--output={output}", f"jobs/{job.name}"], cwd=REPO)
+    info = _wait_finished(job_id)
+    text = output.read_text()
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + text
+    assert SUCCESS[job.name] in text, text
+    assert not list(REPO.glob(f"dataclay-hpc-store-{job_id}")), "store left behind"
+
+
+@pytest.fixture
+def weird_dir(tmp_path):
+    folder = tmp_path / "it's a dir"
+    folder.mkdir()
+    (folder / "drv.py").write_text(
+        "import sys\nfrom dataclay_hpc import Client\n"
+        "with Client() as client:\n"
+        "    print('args', sys.argv[1:], 'backends', len(client.get_backends()))\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("template", "sizes", "backends"),
+    [
+        ("one-node.sbatch", ["--ntasks=3"], 2),
+        ("multi-node.sbatch", ["--nodes=1", "--ntasks-per-node=3"], 2),
+        ("chain.sbatch", ["--ntasks=2"], 1),
+    ],
+)
+def test_templates_run_with_small_sizes(weird_dir, template, sizes, backends):
+    env = dict(os.environ, DATACLAY_HPC_PYTHON=PYTHON)
+    job_id = _sbatch(
+        [*sizes, "--time=5", str(REPO / "slurm" / template), PYTHON, "drv.py", "a b"],
+        cwd=weird_dir,
+        env=env,
+    )
+    info = _wait_finished(job_id)
+    (output,) = weird_dir.glob(f"*{job_id}.out")
+    text = output.read_text()
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + text
+    assert f"args ['a b'] backends {backends}" in text, text
+
+
+def test_a_chained_stage_starts_after_the_first_succeeded(weird_dir):
+    env = dict(os.environ, DATACLAY_HPC_PYTHON=PYTHON)
+    chain = str(REPO / "slurm" / "chain.sbatch")
+    first = _sbatch(
+        ["--ntasks=2", "--time=5", chain, PYTHON, "drv.py", "one"],
+        cwd=weird_dir,
+        env=env,
+    )
+    second = _sbatch(
+        [
+            f"--dependency=afterok:{first}",
+            "--ntasks=2",
+            "--time=5",
+            chain,
+            PYTHON,
+            "drv.py",
+            "two",
+        ],
+        cwd=weird_dir,
+        env=env,
+    )
+    for job_id, word in ((first, "one"), (second, "two")):
+        info = _wait_finished(job_id)
+        text = (weird_dir / f"dataclay-hpc-chain-{job_id}.out").read_text()
+        assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + text
+        assert f"args ['{word}'] backends 1" in text, text
+
+
+def test_dataclay_hpc_submit_runs_a_job(weird_dir):
+    output = weird_dir / "out %j.txt"
+    result = run(
+        [
+            DATACLAY_HPC,
+            "submit",
+            "--ntasks",
+            "3",
+            "--time-min",
+            "5",
+            "--signal-warning-s",
+            "30",
+            "--storage",
+            str(weird_dir / "st ore"),
+            "--output",
+            str(output),
+            "--",
+            PYTHON,
+            "drv.py",
+            "it's",
+            "a b",
+        ],
+        timeout_s=60,
+        cwd=weird_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.split("submitted job ")[1].strip()
+    info = _wait_finished(job_id)
+    text = (weird_dir / f"out {job_id}.txt").read_text()
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + text
+    assert "args [\"it's\", 'a b'] backends 2" in text, text
+    assert list(weird_dir.glob("dataclay-hpc-*.sbatch"))
+
+
+def test_a_refused_submission_reports_what_sbatch_said(weird_dir):
+    result = run(
+        [DATACLAY_HPC, "submit", "--partition", "no-such-partition", "--", "true"],
+        timeout_s=60,
+        cwd=weird_dir,
+    )
+    assert result.returncode == 2
+    assert "failed with exit code 1" in result.stderr
+    assert "no-such-partition" in result.stderr or "partition" in result.stderr
