@@ -160,7 +160,8 @@ REPO = Path(__file__).resolve().parent.parent
 JOBS = sorted((REPO / "jobs").glob("*.sbatch"))
 SUCCESS = {
     "quickstart.sbatch": "quickstart: OK",
-    "move_and_versions.sbatch": ("move_and_versions: OK"),
+    "move_and_versions.sbatch": "move_and_versions: OK",
+    "multithreading.sbatch": "multithreading: OK",
 }
 JOB_DEADLINE_S = 240
 
