@@ -307,3 +307,43 @@ def test_a_refused_submission_reports_what_sbatch_said(weird_dir):
     assert result.returncode == 2
     assert "failed with exit code 1" in result.stderr
     assert "no-such-partition" in result.stderr or "partition" in result.stderr
+
+
+WARNED_DRIVER = """
+import signal, sys, time
+from dataclay_hpc import Client
+
+def warned(signum, frame):
+    print("driver: walltime warning, wrapping up", flush=True)
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, warned)
+with Client() as client:
+    print("ready", len(client.get_backends()), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_the_pre_walltime_signal_stops_the_job_in_order(tmp_path):
+    driver = tmp_path / "warned.py"
+    driver.write_text(WARNED_DRIVER)
+    output = tmp_path / "job.out"
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"{DATACLAY_HPC} run --backends 2 --storage {tmp_path} -- {PYTHON} {driver}\n"
+    )
+    job_id = _sbatch(["-n", "3", "--time=5", f"--output={output}", str(script)])
+    deadline = time.monotonic() + 120
+    while "ready" not in (output.read_text() if output.exists() else ""):
+        assert time.monotonic() < deadline, "the driver never started"
+        time.sleep(0.2)
+    # what --signal=TERM@N does at the warning time: SIGTERM to every task
+    signalled = time.monotonic()
+    assert run(["scancel", "--signal=TERM", job_id], timeout_s=15).returncode == 0
+    info = _wait_finished(job_id, timeout_s=60)
+    text = output.read_text()
+    assert time.monotonic() - signalled < 30, text
+    assert "JobState=COMPLETED" in info and "ExitCode=0:0" in info, info + text
+    assert "ready 2" in text and "walltime warning, wrapping up" in text, text
+    assert "Traceback" not in text and "ERROR" not in text, text
