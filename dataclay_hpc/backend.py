@@ -396,8 +396,8 @@ class Backend:
         self, records: list, obj: DataClayObject, alias: str | None
     ) -> None:
         object_id = obj._dc_meta.id
-        dataset = next(m.dataset_name for _, m, _ in records if m.id == object_id)
         if alias is not None:
+            dataset = next(m.dataset_name for _, m, _ in records if m.id == object_id)
             self._add_alias(dataset, alias, (object_id, type(obj), self.backend_id))
         try:
             self._materialize(records)

@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 _HOST = socket.gethostname()
 # answers a backend sends back
 OK, ERROR, MOVED, REDIRECTED = 0, 1, 2, 3
+# argument types that cannot hold a persistent object
+_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
 # what pickling raises for a value that cannot be pickled
 _PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 # hops a request follows through "moved to" answers before giving up
@@ -129,10 +131,15 @@ class Runtime:
         message = (op, session.username, session.dataset, args)
         new_objects: list[DataClayObject] = []
         registered: list[DataClayObject] = []
+        buffers: list[Any]
         try:
-            payload, count, buffers = serialization.dumps(
-                message, register, new_objects, follow=follow, registered=registered
-            )
+            if all(type(arg) in _PLAIN_TYPES for arg in args):
+                # nothing persistent can hide in it: skip the job's pickler
+                payload, count, buffers = pickle.dumps(message, protocol=5), 0, []
+            else:
+                payload, count, buffers = serialization.dumps(
+                    message, register, new_objects, follow=follow, registered=registered
+                )
         except serialization.ClassImportError:
             _unregister(registered)
             raise
@@ -283,9 +290,13 @@ class Runtime:
 
     def get_by_alias(self, alias: str, dataset_name: str | None) -> Any:
         """Return the object registered under ``alias``."""
-        dataset = dataset_name or current_session().dataset
+        session = current_session()
+        dataset = dataset_name or session.dataset
         return self.request(
-            self.alias_home(dataset, alias), "get_alias", (dataset, alias)
+            self.alias_home(dataset, alias),
+            "get_alias",
+            (dataset, alias),
+            session=session,
         )
 
     def add_alias(self, obj: DataClayObject, alias: str) -> None:
