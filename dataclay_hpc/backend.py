@@ -11,6 +11,7 @@ backend's HDF5 store and drops its state; the next access reloads it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import inspect
 import logging
@@ -26,7 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 from . import serialization
-from .context import Session, reset_session, set_default_session, set_session
+from .context import (
+    Session,
+    current_session,
+    reset_session,
+    set_default_session,
+    set_session,
+)
 from .exceptions import (
     AliasAlreadyExistError,
     AliasDoesNotExistError,
@@ -50,6 +57,9 @@ __all__ = ["Backend"]
 
 logger = logging.getLogger(__name__)
 
+# records per message of a recursive move: small enough that pickling the
+# next chunk overlaps with the target rebuilding this one
+SHIP_CHUNK_RECORDS = 10_000
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
 
@@ -154,6 +164,7 @@ class Backend:
         self._sessions: dict[tuple[str, str], Session] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
+        self._shipper: concurrent.futures.ThreadPoolExecutor | None = None
         self._ops: dict[str, Callable[..., Any]] = {
             name[4:]: getattr(self, name)
             for name in dir(self)
@@ -198,6 +209,8 @@ class Backend:
         self.server.close()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._shipper is not None:
+            self._shipper.shutdown(wait=False, cancel_futures=True)
         if self.runtime is not None:
             self.runtime.close()
         if self._store is not None:
@@ -598,22 +611,10 @@ class Backend:
             handled: list[DataClayObject] = []
             serialization.dumps(roots, self.register_new, handled, follow=follow)
             return [o._dc_meta.id for o in handled], outside
-        shipped: list[DataClayObject] = []
-
-        def ship(ref: DataClayObject) -> bool:
-            if follow(ref):
-                shipped.append(ref)
-                return True
-            return False
-
-        self.runtime.request(
-            target,
-            "receive_objects",
-            (roots,),
-            register=self.runtime._register_for(target),
-            follow=ship,
-        )
+        shipped = self._ship_in_chunks(roots, target, follow)
         for obj in shipped:
+            obj._dc_drop_state()
+            obj.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
             meta = obj._dc_meta
             self.objects.pop(meta.id, None)
             self.moved[meta.id] = target
@@ -621,6 +622,78 @@ class Backend:
             heap_add(obj)  # still referred to here, now as a proxy
         logger.debug("shipped %d objects to backend %s", len(shipped), target)
         return [o._dc_meta.id for o in shipped], outside
+
+    def _ship_in_chunks(
+        self,
+        roots: list[DataClayObject],
+        target: uuid.UUID,
+        follow: Callable[[DataClayObject], bool],
+    ) -> list[DataClayObject]:
+        """Send ``roots`` and what ``follow`` accepts to ``target``, in chunks.
+
+        A chunk is sent by another thread while the next one is pickled, so
+        this side pickling and the target rebuilding objects overlap. Nothing
+        changes here until every chunk has arrived: a failure leaves every
+        object in place (the target may keep copies nobody refers to).
+        """
+        assert self.runtime is not None
+        runtime = self.runtime
+        session = current_session()
+        shipped: list[DataClayObject] = []
+        registered: list[DataClayObject] = []
+        register = runtime._register_for(target)
+
+        def ship(ref: DataClayObject) -> bool:
+            if follow(ref):
+                shipped.append(ref)
+                return True
+            return False
+
+        pending: list[DataClayObject] = []
+        args: tuple = (roots,)
+        sent: list[concurrent.futures.Future] = []
+        try:
+            while True:
+                message = ("receive_objects", session.username, session.dataset, args)
+                batch = list(pending)
+                payload, count, buffers = serialization.dumps(
+                    message,
+                    register,
+                    batch,
+                    follow=ship,
+                    registered=registered,
+                    limit=SHIP_CHUNK_RECORDS,
+                )
+                pending, args = batch[count:], ([],)
+                if not pending and not sent:  # one chunk: no hand-off
+                    runtime.send(target, payload, count, buffers)
+                    break
+                sent.append(
+                    self._sender().submit(runtime.send, target, payload, count, buffers)
+                )
+                if not pending:
+                    break
+            for future in sent:
+                future.result()
+        except BaseException:
+            for future in sent:
+                future.cancel()
+            _unregister_volatile(registered)
+            raise
+        for obj in registered:  # volatile here, now persistent on the target
+            obj._dc_drop_state()
+            obj.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
+            heap_add(obj)
+        return shipped
+
+    def _sender(self) -> concurrent.futures.ThreadPoolExecutor:
+        # one thread, kept: its connections to the targets are reused
+        with self._loop_lock:
+            if self._shipper is None:
+                self._shipper = concurrent.futures.ThreadPoolExecutor(
+                    1, f"backend-{self.rank}-ship"
+                )
+        return self._shipper
 
     # -- versions ---------------------------------------------------------------------
 
@@ -809,6 +882,12 @@ class Backend:
     def _op_shutdown(self, records: list) -> None:
         logger.info("backend rank %d asked to stop", self.rank)
         self.stopped.set()
+
+
+def _unregister_volatile(objects: list[DataClayObject]) -> None:
+    for obj in objects:
+        obj.__dict__["_dc_is_registered"] = False
+        obj._dc_meta.master_backend_id = None
 
 
 def _current_session_or_none() -> Session | None:

@@ -150,19 +150,29 @@ class Runtime:
                 "persistent attributes and arguments must be picklable"
             ) from exc
         try:
-            frame = self._connection(backend_id).request(payload, count, buffers)
-            (status, value), _ = serialization.loads(*frame)
+            value = self.send(backend_id, payload, count, buffers)
         except BaseException:
             _unregister(registered)
             raise
-        if status == OK:
-            if len(new_objects) > serialization.GC_PAUSE_RECORDS:
-                with serialization.paused_gc():
-                    _became_remote(new_objects)
-            else:
+        if len(new_objects) > serialization.GC_PAUSE_RECORDS:
+            with serialization.paused_gc():
                 _became_remote(new_objects)
+        else:
+            _became_remote(new_objects)
+        return value
+
+    def send(
+        self, backend_id: uuid.UUID, payload: bytes, count: int, buffers: Sequence[Any]
+    ) -> Any:
+        """Send a pickled request (from ``serialization.dumps``); return its answer.
+
+        Raises:
+            Exception: The backend's error, with its traceback as the cause.
+        """
+        frame = self._connection(backend_id).request(payload, count, buffers)
+        (status, value), _ = serialization.loads(*frame)
+        if status == OK:
             return value
-        _unregister(registered)
         if status == MOVED:
             raise _Moved(value)
         if status == REDIRECTED:

@@ -228,6 +228,7 @@ def dumps(
     ship: bool = True,
     follow: Any = None,
     registered: list | None = None,
+    limit: int | None = None,
 ) -> tuple[bytes, int, list[Any]]:
     """Pickle ``message`` followed by one record per volatile object it reaches.
 
@@ -244,6 +245,9 @@ def dumps(
             the object's record is written too (and it joins ``new_objects``).
         registered: Filled with the objects handed to ``register`` (a part of
             ``new_objects``), also when pickling fails half-way.
+        limit: Write at most this many records; the objects of
+            ``new_objects`` past the count returned are still to be written.
+            ``new_objects`` may come filled: their records go first.
 
     Returns:
         ``(payload, number of records, out-of-band buffers)``.
@@ -262,7 +266,8 @@ def dumps(
     try:
         pickler.dump(message)
         count = 0
-        while ship and count < len(new_objects):  # grows while records are written
+        end = len if limit is None else (lambda objects: min(len(objects), limit))
+        while ship and count < end(new_objects):  # grows while records are written
             if count == GC_PAUSE_RECORDS:
                 pause.enter_context(paused_gc())
             obj = new_objects[count]
