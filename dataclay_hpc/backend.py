@@ -49,7 +49,7 @@ from .object import (
     heap_get_or_create,
     set_process_backend,
 )
-from .runtime import ERROR, MOVED, OK, REDIRECTED, Runtime
+from .runtime import ERROR, MOVED, OK, REDIRECTED, Runtime, unregister
 from .store import Store
 from .transport import REQUEST_TIMEOUT_S, RequestServer
 
@@ -62,10 +62,6 @@ logger = logging.getLogger(__name__)
 SHIP_CHUNK_RECORDS = 10_000
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
-
-
-# results that pickle without the job's pickler (nothing persistent inside)
-_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
 
 
 class _MovedAway(Exception):
@@ -361,7 +357,7 @@ class Backend:
         return ERROR, (exc, text, self.rank, self.host)
 
     def _dump_reply(self, op: str, reply: tuple[int, Any]):
-        if type(reply[1]) in _PLAIN_TYPES:  # no object can hide in it
+        if type(reply[1]) in serialization.PLAIN_TYPES:  # no object can hide in it
             return pickle.dumps(reply, protocol=5), 0, ()
         try:
             return serialization.dumps(reply, self.register_new, ship=False)
@@ -678,7 +674,7 @@ class Backend:
         except BaseException:
             for future in sent:
                 future.cancel()
-            _unregister_volatile(registered)
+            unregister(registered)
             raise
         for obj in registered:  # volatile here, now persistent on the target
             obj._dc_drop_state()
@@ -882,12 +878,6 @@ class Backend:
     def _op_shutdown(self, records: list) -> None:
         logger.info("backend rank %d asked to stop", self.rank)
         self.stopped.set()
-
-
-def _unregister_volatile(objects: list[DataClayObject]) -> None:
-    for obj in objects:
-        obj.__dict__["_dc_is_registered"] = False
-        obj._dc_meta.master_backend_id = None
 
 
 def _current_session_or_none() -> Session | None:

@@ -39,8 +39,6 @@ logger = logging.getLogger(__name__)
 _HOST = socket.gethostname()
 # answers a backend sends back
 OK, ERROR, MOVED, REDIRECTED = 0, 1, 2, 3
-# argument types that cannot hold a persistent object
-_PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
 # what pickling raises for a value that cannot be pickled
 _PICKLE_ERRORS = (pickle.PicklingError, TypeError, AttributeError)
 # hops a request follows through "moved to" answers before giving up
@@ -133,7 +131,7 @@ class Runtime:
         registered: list[DataClayObject] = []
         buffers: list[Any]
         try:
-            if all(type(arg) in _PLAIN_TYPES for arg in args):
+            if all(type(arg) in serialization.PLAIN_TYPES for arg in args):
                 # nothing persistent can hide in it: skip the job's pickler
                 payload, count, buffers = pickle.dumps(message, protocol=5), 0, []
             else:
@@ -141,10 +139,10 @@ class Runtime:
                     message, register, new_objects, follow=follow, registered=registered
                 )
         except serialization.ClassImportError:
-            _unregister(registered)
+            unregister(registered)
             raise
         except _PICKLE_ERRORS as exc:
-            _unregister(registered)
+            unregister(registered)
             raise DataClayException(
                 f"cannot send {op} request: a value cannot be pickled ({exc}); "
                 "persistent attributes and arguments must be picklable"
@@ -152,7 +150,7 @@ class Runtime:
         try:
             value = self.send(backend_id, payload, count, buffers)
         except BaseException:
-            _unregister(registered)
+            unregister(registered)
             raise
         if len(new_objects) > serialization.GC_PAUSE_RECORDS:
             with serialization.paused_gc():
@@ -411,7 +409,8 @@ class _Moved(Exception):
         self.backend_id = backend_id
 
 
-def _unregister(objects: list[DataClayObject]) -> None:
+def unregister(objects: list[DataClayObject]) -> None:
+    """Make objects registered for a request that failed volatile again."""
     for obj in objects:
         heap_remove(obj)
         state = obj.__dict__

@@ -34,6 +34,10 @@ from .object import (
 
 __all__ = ["ClassImportError", "Record", "dumps", "loads"]
 
+# value types that cannot hold a persistent object: they pickle without the
+# job's pickler
+PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+
 Record = tuple[type, Any, Any]
 """One object shipped with a request: (class, metadata, state)."""
 
