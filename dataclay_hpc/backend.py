@@ -49,7 +49,16 @@ from .object import (
     heap_get_or_create,
     set_process_backend,
 )
-from .runtime import ERROR, MOVED, OK, REDIRECTED, Runtime, unregister
+from .runtime import (
+    ERROR,
+    MOVED,
+    OK,
+    REDIRECTED,
+    Moved,
+    Redirected,
+    Runtime,
+    unregister,
+)
 from .store import Store
 from .transport import REQUEST_TIMEOUT_S, RequestServer
 
@@ -62,18 +71,6 @@ logger = logging.getLogger(__name__)
 SHIP_CHUNK_RECORDS = 10_000
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
-
-
-class _MovedAway(Exception):
-    def __init__(self, backend_id: uuid.UUID) -> None:
-        super().__init__(backend_id)
-        self.backend_id = backend_id
-
-
-class _Redirect(Exception):
-    def __init__(self, original: DataClayObject) -> None:
-        super().__init__(original)
-        self.original = original
 
 
 class _RequestGate:
@@ -256,9 +253,9 @@ class Backend:
             return obj
         object_id = state["_dc_meta"].id
         if object_id in self.moved:
-            raise _MovedAway(self.moved[object_id])
+            raise Moved(self.moved[object_id])
         if object_id in self.consolidated:
-            raise _Redirect(self.consolidated[object_id])
+            raise Redirected(self.consolidated[object_id])
         if object_id in self.discarded:
             raise ObjectDoesNotExistError(
                 object_id, "it was a version and was discarded"
@@ -344,9 +341,9 @@ class Backend:
             finally:
                 reset_session(token)
             reply: tuple[int, Any] = (OK, result)
-        except _MovedAway as moved:
+        except Moved as moved:
             reply = (MOVED, moved.backend_id)
-        except _Redirect as redirect:
+        except Redirected as redirect:
             reply = (REDIRECTED, redirect.original)
         except BaseException as exc:  # noqa: BLE001 - every error goes back to the caller
             reply = self._error_reply(exc)

@@ -172,9 +172,9 @@ class Runtime:
         if status == OK:
             return value
         if status == MOVED:
-            raise _Moved(value)
+            raise Moved(value)
         if status == REDIRECTED:
-            raise _Redirected(value)
+            raise Redirected(value)
         error, remote_tb, rank, host = value
         error.__cause__ = RemoteTraceback(
             f"raised on backend rank {rank} (host {host}):\n{remote_tb}"
@@ -200,10 +200,10 @@ class Runtime:
                     (target, *args),
                     register=self._register_for(backend_id),
                 )
-            except _Moved as moved:
+            except Moved as moved:
                 logger.debug("object %s moved to %s", meta.id, moved.backend_id)
                 meta.master_backend_id = moved.backend_id
-            except _Redirected as redirected:
+            except Redirected as redirected:
                 logger.debug(
                     "version %s was consolidated into %s", meta.id, redirected.original
                 )
@@ -397,13 +397,21 @@ class Runtime:
         return sum(self.broadcast("flush"))
 
 
-class _Redirected(Exception):
+class Redirected(Exception):
+    """The object is a consolidated version: ask its original instead.
+
+    A backend raises it to answer ``REDIRECTED``; ``send`` raises it again on
+    the caller's side.
+    """
+
     def __init__(self, original: DataClayObject) -> None:
         super().__init__(original)
         self.original = original
 
 
-class _Moved(Exception):
+class Moved(Exception):
+    """The object lives on another backend now (answer ``MOVED``)."""
+
     def __init__(self, backend_id: uuid.UUID) -> None:
         super().__init__(backend_id)
         self.backend_id = backend_id

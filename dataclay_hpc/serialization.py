@@ -270,8 +270,9 @@ def dumps(
     try:
         pickler.dump(message)
         count = 0
-        end = len if limit is None else (lambda objects: min(len(objects), limit))
-        while ship and count < end(new_objects):  # grows while records are written
+        stop = float("inf") if limit is None else limit
+        # new_objects grows while records are written
+        while ship and count < len(new_objects) and count < stop:
             if count == GC_PAUSE_RECORDS:
                 pause.enter_context(paused_gc())
             obj = new_objects[count]
