@@ -2,16 +2,46 @@
 
 The same classes as ``model_hpc``; only the import differs. The dataClay
 backends import this module by name, so ``benchmarks/`` must be on their
-``PYTHONPATH``.
+``PYTHONPATH``. :func:`thread_pool` and :func:`submit` run work on threads in
+the caller's session the way dataClay 4.3.1 documents it.
 """
+
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 from dataclay import Client, DataClayObject, activemethod
 
-__all__ = ["LIBRARY", "Client", "Employee", "Holder", "Node"]
+__all__ = [
+    "LIBRARY",
+    "Client",
+    "Employee",
+    "Holder",
+    "Node",
+    "submit",
+    "thread_pool",
+]
 
 #: Name of the library under test, as it appears in reports.
 LIBRARY = "dataClay 4.3.1"
+
+T = TypeVar("T")
+
+
+def thread_pool(max_workers: int) -> ThreadPoolExecutor:
+    """Return a plain thread pool; :func:`submit` hands each job the session."""
+    return ThreadPoolExecutor(max_workers=max_workers)
+
+
+def submit(pool: ThreadPoolExecutor, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+    """Run ``fn(*args)`` on ``pool`` in a copy of the caller's context.
+
+    dataClay keeps its session in a context variable, which a pool thread
+    does not inherit: every job runs in its own ``contextvars.copy_context()``.
+    """
+    return pool.submit(contextvars.copy_context().run, fn, *args)
 
 
 class Employee(DataClayObject):

@@ -2,17 +2,48 @@
 
 The same classes as ``model_dataclay``; only the import differs. The backends
 of the job import this module by name, so ``benchmarks/`` must be on their
-``PYTHONPATH``.
+``PYTHONPATH``. :func:`thread_pool` and :func:`submit` run work on threads in
+the caller's session the way dataclay_hpc documents it.
 """
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import numpy as np
 
-from dataclay_hpc import Client, DataClayObject, activemethod
+from dataclay_hpc import Client, ContextThreadPoolExecutor, DataClayObject, activemethod
 
-__all__ = ["LIBRARY", "Client", "Employee", "Holder", "Node"]
+__all__ = [
+    "LIBRARY",
+    "Client",
+    "Employee",
+    "Holder",
+    "Node",
+    "submit",
+    "thread_pool",
+]
 
 #: Name of the library under test, as it appears in reports.
 LIBRARY = "dataclay_hpc"
+
+T = TypeVar("T")
+
+
+def thread_pool(max_workers: int) -> ContextThreadPoolExecutor:
+    """Return a pool whose every submitted job runs in the submitter's session.
+
+    ``ContextThreadPoolExecutor`` copies the submitting thread's context in
+    each ``submit``.
+    """
+    return ContextThreadPoolExecutor(max_workers=max_workers)
+
+
+def submit(
+    pool: ContextThreadPoolExecutor, fn: Callable[..., T], /, *args: Any
+) -> Future[T]:
+    """Run ``fn(*args)`` on ``pool``; the pool carries the session itself."""
+    return pool.submit(fn, *args)
 
 
 class Employee(DataClayObject):

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 ARRAY_BYTES = 100_000_000
 #: How long to wait for the expected number of backends to register, in seconds.
 BACKEND_WAIT_S = 60.0
+#: Threads of the threaded rows; each runs ``ops_per_repeat`` operations per repeat.
+THREADS = 8
 #: Distribution package name of each model module's library.
 DISTRIBUTIONS = {"model_dataclay": "dataclay", "model_hpc": "dataclay_hpc"}
 
@@ -183,6 +185,69 @@ def _time_make_persistent(
     return _latency(samples_us, plan)
 
 
+def bench_threads(
+    model: ModuleType, backend_id: object, plan: Plan, threads: int = THREADS
+) -> dict[str, Any]:
+    """Measure make_persistent and an activemethod from ``threads`` threads at once.
+
+    Every thread runs in the session of the calling thread, the way each
+    library documents it (``model.thread_pool`` and ``model.submit``). The
+    value is the wall time of a repeat divided by all the operations of all
+    threads in it: the time per operation the caller sees at that throughput.
+
+    Args:
+        model: the model module of the library under test.
+        backend_id: backend that receives every object.
+        plan: the counts to use.
+        threads: threads running at once.
+
+    Returns:
+        ``make_persistent_threads`` and ``activemethod_threads``, each as
+        :func:`time_per_op` returns it, with ``threads``.
+
+    Raises:
+        AssertionError: an object made by a thread is not where it was put.
+    """
+    per_thread = plan.ops_per_repeat
+
+    def make(tag: str) -> list[object]:
+        employees = [model.Employee(f"{tag}-{i}", 1.0) for i in range(per_thread)]
+        for employee in employees:
+            employee.make_persistent(backend_id=backend_id)
+        return employees
+
+    def call(employee: Any) -> None:
+        for _ in range(per_thread):
+            employee.raise_salary(0.0)
+
+    results: dict[str, Any] = {}
+    with model.thread_pool(threads) as pool:
+        for name, job, args in (
+            ("make_persistent_threads", make, [f"t{i}" for i in range(threads)]),
+            ("activemethod_threads", call, None),
+        ):
+            if args is None:
+                args = [model.Employee(f"c{i}", 1.0) for i in range(threads)]
+                for employee in args:
+                    employee.make_persistent(backend_id=backend_id)
+            # One untimed pass starts every thread and connection.
+            for future in [model.submit(pool, job, arg) for arg in args]:
+                future.result()
+            samples_us = []
+            for _ in range(plan.repeats):
+                start = time.perf_counter()
+                done = [model.submit(pool, job, arg) for arg in args]
+                outputs = [future.result() for future in done]
+                elapsed_s = time.perf_counter() - start
+                samples_us.append(elapsed_s / (threads * per_thread) * 1e6)
+            results[name] = {**_latency(samples_us, plan), "threads": threads}
+            if name == "make_persistent_threads":
+                made = outputs[0]
+                if made[-1].name != f"{args[0]}-{per_thread - 1}":
+                    raise AssertionError("an object made by a thread was lost")
+    return results
+
+
 def bench_array(model: ModuleType, backend_id: object, plan: Plan) -> dict[str, Any]:
     """Measure a round trip of a 100 MB float64 array through a persistent attribute.
 
@@ -257,6 +322,7 @@ def run_workload(
         logger.info("benchmarking against backend %s", backend_id)
 
         results = bench_small_ops(model, backend_id, plan)
+        results.update(bench_threads(model, backend_id, plan))
         results["array_roundtrip"] = bench_array(model, backend_id, plan)
     finally:
         client.stop()

@@ -26,11 +26,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from . import serialization
+from . import execution, serialization
 from .context import (
+    DEFAULT_DATASET,
+    DEFAULT_USERNAME,
     Session,
     current_session,
     reset_session,
+    session_or_none,
     set_default_session,
     set_session,
 )
@@ -38,6 +41,7 @@ from .exceptions import (
     AliasAlreadyExistError,
     AliasDoesNotExistError,
     DataClayException,
+    DatasetAccessError,
     ObjectDoesNotExistError,
     ObjectIsNotVersionError,
     VersionConflictError,
@@ -154,7 +158,11 @@ class Backend:
         self._load_lock = threading.RLock()
         self._gate = _RequestGate()
         self._store: Store | None = None
-        self._sessions: dict[tuple[str, str], Session] = {}
+        self._sessions: dict[tuple[str, str, bool], Session] = {}
+        # dataset -> the user it belongs to: every dataset this backend has
+        # checked, and the datasets whose home it is (Runtime.dataset_home)
+        self._owners: dict[str, str] = {DEFAULT_DATASET: DEFAULT_USERNAME}
+        self._owners_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._shipper: concurrent.futures.ThreadPoolExecutor | None = None
@@ -195,7 +203,8 @@ class Backend:
     def attach(self, runtime: Runtime) -> None:
         """Give the backend its view of the whole job (after the address exchange)."""
         self.runtime = runtime
-        set_default_session(Session(runtime), replace=True)
+        runtime.inside_job = True
+        set_default_session(Session(runtime, inside_job=True), replace=True)
 
     def close(self) -> None:
         """Stop serving and close the store."""
@@ -221,8 +230,8 @@ class Backend:
         meta = state["_dc_meta"]
         meta.master_backend_id = self.backend_id
         if meta.dataset_name is None:
-            session = _current_session_or_none()
-            meta.dataset_name = session.dataset if session else "admin"
+            session = session_or_none()
+            meta.dataset_name = session.dataset if session else DEFAULT_DATASET
         state["_dc_is_registered"] = True
         state["_dc_is_local"] = True
         state["_dc_is_loaded"] = True
@@ -318,7 +327,7 @@ class Backend:
     def _handle(self, payload: bytes, count: int, buffers: list[Any]):
         op = "?"
         try:
-            (op, username, dataset, args), records = serialization.loads(
+            (op, username, dataset, inside_job, args), records = serialization.loads(
                 payload, count, buffers
             )
             try:
@@ -328,7 +337,7 @@ class Backend:
                     f"backend rank {self.rank}: unknown request {op!r}"
                 ) from None
             logger.debug("request %s from %s/%s", op, username, dataset)
-            token = set_session(self._session(username, dataset))
+            token = set_session(self._session(username, dataset, inside_job))
             try:
                 if op == "flush":
                     result = handler(records, *args)
@@ -372,13 +381,91 @@ class Backend:
                 )
             return serialization.dumps(reply, self.register_new, ship=False)
 
-    def _session(self, username: str, dataset: str) -> Session:
-        key = (username, dataset)
+    def _session(self, username: str, dataset: str, inside_job: bool) -> Session:
+        key = (username, dataset, inside_job)
         session = self._sessions.get(key)
         if session is None:
             assert self.runtime is not None
-            session = self._sessions[key] = Session(self.runtime, username, dataset)
+            if not inside_job:
+                owner = self._owner(dataset, claim_for=username)
+                if owner != username:
+                    raise DatasetAccessError(
+                        None, dataset, dataset, username, owner, False
+                    )
+            session = Session(self.runtime, username, dataset, inside_job)
+            self._sessions[key] = session
         return session
+
+    # -- datasets ----------------------------------------------------------------------
+
+    def _owner(self, dataset: str, claim_for: str | None = None) -> str | None:
+        """Return who owns ``dataset``; ``claim_for`` takes it if nobody does."""
+        owner = self._owners.get(dataset)
+        if owner is not None:
+            return owner
+        assert self.runtime is not None
+        home = self.runtime.dataset_home(dataset)
+        if home == self.backend_id:
+            return self._op_dataset_owner([], dataset, claim_for)
+        owner = self.runtime.request(
+            home, "dataset_owner", (dataset, claim_for), session=self._job_session()
+        )
+        if owner is not None:
+            with self._owners_lock:
+                self._owners.setdefault(dataset, owner)
+        return owner
+
+    def _op_dataset_owner(
+        self, records: list, dataset: str, claim_for: str | None
+    ) -> str | None:
+        with self._owners_lock:
+            if claim_for is None:
+                return self._owners.get(dataset)
+            owner = self._owners.setdefault(dataset, claim_for)
+        if owner == claim_for:
+            logger.debug("dataset %r belongs to user %r", dataset, owner)
+        return owner
+
+    def _job_session(self) -> Session:
+        assert self.runtime is not None
+        return Session(self.runtime, inside_job=True)
+
+    def _reach(self, obj: DataClayObject, write: bool) -> DataClayObject:
+        """Return the held object, if the request's session may reach it."""
+        obj = self._held(obj)
+        session = session_or_none()
+        if session is None or session.inside_job:
+            return obj
+        dataset = obj.__dict__["_dc_meta"].dataset_name
+        if dataset == session.dataset or dataset is None:
+            return obj
+        owner = self._owner(dataset)
+        if write or owner != session.username:
+            raise DatasetAccessError(
+                f"object {obj._dc_meta.id}",
+                dataset,
+                session.dataset,
+                session.username,
+                owner,
+                write,
+            )
+        return obj
+
+    def _check_dataset(self, dataset: str, what: str, write: bool) -> None:
+        """Allow a request naming ``dataset`` if the session's user owns it."""
+        session = session_or_none()
+        if session is None or session.inside_job or dataset == session.dataset:
+            return
+        owner = self._owner(dataset)
+        if owner is not None and owner != session.username:  # unowned: empty
+            raise DatasetAccessError(
+                what,
+                dataset,
+                session.dataset,
+                session.username,
+                owner,
+                write,
+            )
 
     def _run_coroutine(self, coroutine: Any) -> Any:
         with self._loop_lock:
@@ -418,43 +505,59 @@ class Backend:
 
     def _op_get_attribute(self, records: list, obj: DataClayObject, name: str) -> Any:
         self._materialize(records)
-        return getattr(self._held(obj), name)
+        return getattr(self._reach(obj, False), name)
 
     def _op_set_attribute(
         self, records: list, obj: DataClayObject, name: str, value: Any
     ) -> None:
+        # Checked before anything arrives: a denial leaves no trace.
+        obj = self._reach(obj, True)
         self._materialize(records)
-        setattr(self._held(obj), name, value)
+        setattr(obj, name, value)
 
     def _op_delete_attribute(
         self, records: list, obj: DataClayObject, name: str
     ) -> None:
-        delattr(self._held(obj), name)
+        delattr(self._reach(obj, True), name)
 
     def _op_call(
-        self, records: list, obj: DataClayObject, name: str, args: tuple, kwargs: dict
+        self,
+        records: list,
+        obj: DataClayObject,
+        name: str,
+        args: tuple,
+        kwargs: dict,
+        limits: execution.Constraints | None = None,
     ) -> Any:
+        obj = self._reach(obj, True)
         self._materialize(records)
-        method = getattr(self._held(obj), name)
+        method = getattr(obj, name)
         if not getattr(method, "_dc_activemethod", False):
             raise DataClayException(
                 f"{type(obj).__qualname__}.{name} is not an active method; decorate it "
                 "with @activemethod to call it on the object's backend"
             )
-        result = method(*args, **kwargs)
-        if inspect.iscoroutine(result):
-            result = self._run_coroutine(result)
-        return result
+        if limits is None:
+            result = method(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                result = self._run_coroutine(result)
+            return result
+        with execution.applied(limits):
+            result = method(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                result = self._run_coroutine(result)
+            return result
 
     def _op_metadata(self, records: list, obj: DataClayObject) -> Any:
-        return self._held(obj)._dc_meta
+        return self._reach(obj, False)._dc_meta
 
     def _op_get_object(
         self, records: list, object_id: uuid.UUID
     ) -> DataClayObject | None:
         if object_id in self.consolidated:
             return self.consolidated[object_id]
-        return self.objects.get(object_id)
+        obj = self.objects.get(object_id)
+        return None if obj is None else self._reach(obj, False)
 
     def _op_locate(self, records: list, object_id: uuid.UUID) -> uuid.UUID | None:
         if object_id in self.objects:
@@ -470,9 +573,11 @@ class Backend:
         cls: type,
         backend_id: uuid.UUID,
     ) -> None:
+        self._check_dataset(dataset, f"alias {alias!r}", True)
         self._add_alias(dataset, alias, (object_id, cls, backend_id))
 
     def _op_get_alias(self, records: list, dataset: str, alias: str) -> DataClayObject:
+        self._check_dataset(dataset, f"alias {alias!r}", False)
         entry = self.aliases.get((dataset, alias))
         if entry is None:
             raise AliasDoesNotExistError(alias, dataset)
@@ -480,6 +585,7 @@ class Backend:
         return heap_get_or_create(object_id, cls, backend_id, dataset)
 
     def _op_delete_alias(self, records: list, dataset: str, alias: str) -> None:
+        self._check_dataset(dataset, f"alias {alias!r}", True)
         with self._aliases_lock:
             if self.aliases.pop((dataset, alias), None) is None:
                 raise AliasDoesNotExistError(alias, dataset)
@@ -487,6 +593,7 @@ class Backend:
     def _op_aliases_of(
         self, records: list, object_id: uuid.UUID, dataset: str
     ) -> list[str]:
+        self._check_dataset(dataset, f"the aliases of object {object_id}", False)
         with self._aliases_lock:
             return [
                 alias
@@ -502,7 +609,7 @@ class Backend:
         recursive: bool,
         remotes: bool,
     ) -> uuid.UUID:
-        root = self._held(obj)._dc_meta.id
+        root = self._reach(obj, True)._dc_meta.id
         if not recursive:
             if target != self.backend_id:
                 self._ship_closure([root], target, set(), follow_references=False)
@@ -647,7 +754,13 @@ class Backend:
         sent: list[concurrent.futures.Future] = []
         try:
             while True:
-                message = ("receive_objects", session.username, session.dataset, args)
+                message = (
+                    "receive_objects",
+                    session.username,
+                    session.dataset,
+                    True,
+                    args,
+                )
                 batch = list(pending)
                 payload, count, buffers = serialization.dumps(
                     message,
@@ -700,7 +813,7 @@ class Backend:
     def _op_new_version(
         self, records: list, obj: DataClayObject, target: uuid.UUID | None
     ) -> tuple[DataClayObject, Any]:
-        obj = self._held(obj)
+        obj = self._reach(obj, True)
         if not obj.__dict__["_dc_is_loaded"]:
             self.load(obj)
         meta = obj._dc_meta
@@ -747,7 +860,7 @@ class Backend:
         object_id = version._dc_meta.id
         if object_id in self.consolidated or object_id in self.discarded:
             raise ObjectIsNotVersionError(object_id)
-        version = self._held(version)
+        version = self._reach(version, True)
         if version._dc_meta.original_object_id is None:
             raise ObjectIsNotVersionError(object_id)
         return version
@@ -875,9 +988,3 @@ class Backend:
     def _op_shutdown(self, records: list) -> None:
         logger.info("backend rank %d asked to stop", self.rank)
         self.stopped.set()
-
-
-def _current_session_or_none() -> Session | None:
-    from .context import _session
-
-    return _session.get()

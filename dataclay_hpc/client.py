@@ -62,8 +62,9 @@ class Client:
     """A session on a job: who the requests are from and which dataset they use.
 
     Args:
-        dataset: Dataset of the objects and aliases this client makes
-            (default ``admin``).
+        dataset: Dataset of the objects and aliases this client makes. It
+            belongs to the user who opened it first; default: the username if
+            one is given, else ``admin``.
         username: User the requests are made as (default ``admin``).
         backends: Backends of an embedded job (default ``DATACLAY_HPC_BACKENDS``
             or 2); ignored inside a job.
@@ -78,8 +79,8 @@ class Client:
         backends: int | None = None,
         storage: str | None = None,
     ) -> None:
-        self.dataset = dataset or DEFAULT_DATASET
         self.username = username or DEFAULT_USERNAME
+        self.dataset = dataset or (username or DEFAULT_DATASET)
         self._backends = (
             None if backends is None else check_backends(backends, "backends")
         )
@@ -108,6 +109,7 @@ class Client:
 
         Raises:
             JobError: The embedded job could not start.
+            DatasetAccessError: The dataset belongs to another user.
         """
         if self.runtime is not None:
             return self
@@ -118,8 +120,17 @@ class Client:
         description, secret = read_job(job_dir)
         self.job_dir = job_dir
         self.storage = description["storage"]
-        self.runtime = Runtime(description["job_id"], secret, backends_of(description))
-        self.session = Session(self.runtime, self.username, self.dataset)
+        runtime = Runtime(description["job_id"], secret, backends_of(description))
+        session = Session(runtime, self.username, self.dataset)
+        try:
+            runtime.open_dataset(self.username, self.dataset, session)
+        except BaseException:
+            runtime.close()
+            if self._embedded is not None:
+                self._embedded.leave()
+                self._embedded = None
+            raise
+        self.runtime, self.session = runtime, session
         set_session(self.session)
         set_default_session(self.session)
         self._share_import_path()

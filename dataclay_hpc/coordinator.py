@@ -162,7 +162,8 @@ class Coordinator:
 
     def _stop_backends(self, backends: Sequence[BackendInfo]) -> None:
         runtime = Runtime(self.job_id, self._secret, backends)
-        session = Session(runtime)
+        runtime.inside_job = True
+        session = Session(runtime, inside_job=True)
         started = time.monotonic()
         try:
             for info in backends:

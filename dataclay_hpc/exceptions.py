@@ -139,7 +139,66 @@ class BackendUnavailableError(DataClayException):
 
 
 class DatasetAccessError(DataClayException):
-    """A session of one dataset touched an object or alias of another."""
+    """A session reached for a dataset its user may not use that way.
+
+    Attributes:
+        what: The object, alias or dataset that was asked for.
+        dataset_name: The dataset it belongs to.
+        session_dataset: The dataset of the session that asked.
+        username: The user of that session.
+        owner: The user the dataset belongs to.
+        write: Whether the request would have changed it.
+    """
+
+    def __init__(
+        self,
+        what: str | None,
+        dataset_name: str,
+        session_dataset: str,
+        username: str,
+        owner: str | None,
+        write: bool,
+    ) -> None:
+        self.what = what
+        self.dataset_name = dataset_name
+        self.session_dataset = session_dataset
+        self.username = username
+        self.owner = owner
+        self.write = write
+        if what is None:
+            text = (
+                f"user {username!r} cannot open a session on dataset "
+                f"{dataset_name!r}: it belongs to user {owner!r}, and only its "
+                "owner's sessions reach it; use a dataset of your own "
+                "(Client(dataset=..., username=...))"
+            )
+        elif owner is not None and owner != username:
+            text = (
+                f"{what} belongs to dataset {dataset_name!r} of user {owner!r}; "
+                f"the session {username}/{session_dataset} cannot reach it: only "
+                "the owner's sessions reach a dataset"
+            )
+        else:
+            text = (
+                f"{what} belongs to dataset {dataset_name!r}; the session "
+                f"{username}/{session_dataset} may read it but not change it: "
+                "changes need a session of the object's dataset, e.g. "
+                f"`with dataclay_hpc.use_dataset({dataset_name!r}): ...`"
+            )
+        super().__init__(text)
+
+    def __reduce__(self):
+        return (
+            type(self),
+            (
+                self.what,
+                self.dataset_name,
+                self.session_dataset,
+                self.username,
+                self.owner,
+                self.write,
+            ),
+        )
 
 
 class JobError(DataClayException):

@@ -20,11 +20,12 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import serialization
+from . import execution, serialization
 from .context import Session, current_session
 from .exceptions import (
     BackendDoesNotExistError,
     DataClayException,
+    DatasetAccessError,
     ObjectDoesNotExistError,
     RemoteTraceback,
 )
@@ -52,9 +53,14 @@ class Runtime:
         job_id: The job's id.
         secret: The job's secret.
         backends: Every backend of the job.
+
+    Attributes:
+        inside_job: Whether this runtime belongs to a backend: its requests
+            come from code already running in the job, which backends do not
+            check against datasets again.
     """
 
-    is_backend = False
+    inside_job = False
 
     def __init__(self, job_id: str, secret: bytes, backends: Sequence[BackendInfo]):
         self.job_id = job_id
@@ -126,7 +132,7 @@ class Runtime:
         too, and become proxies here when it succeeds.
         """
         session = session or current_session()
-        message = (op, session.username, session.dataset, args)
+        message = (op, session.username, session.dataset, self.inside_job, args)
         new_objects: list[DataClayObject] = []
         registered: list[DataClayObject] = []
         buffers: list[Any]
@@ -231,6 +237,29 @@ class Runtime:
         key = zlib.crc32(f"{dataset}\0{alias}".encode())
         return self._backend_ids[key % len(self._backend_ids)]
 
+    def dataset_home(self, dataset: str) -> uuid.UUID:
+        """Return the backend that knows who owns ``dataset``."""
+        return self._backend_ids[zlib.crc32(dataset.encode()) % len(self._backend_ids)]
+
+    def open_dataset(
+        self, username: str, dataset: str, session: Session | None = None
+    ) -> None:
+        """Check that ``username`` may open a session on ``dataset``.
+
+        A dataset nobody has used yet becomes ``username``'s.
+
+        Raises:
+            DatasetAccessError: ``dataset`` belongs to another user.
+        """
+        owner = self.request(
+            self.dataset_home(dataset),
+            "dataset_owner",
+            (dataset, username),
+            session=session,
+        )
+        if owner != username:
+            raise DatasetAccessError(None, dataset, dataset, username, owner, False)
+
     def broadcast(self, op: str, args: tuple = ()) -> list[Any]:
         """Send the same request to every backend, in rank order."""
         return [self.request(b, op, args) for b in self._backend_ids]
@@ -293,8 +322,14 @@ class Runtime:
     def call_active_method(
         self, obj: DataClayObject, name: str, args: tuple, kwargs: dict
     ) -> Any:
-        """Run an active method on the object's backend."""
-        return self.object_request(obj, "call", name, args, kwargs)
+        """Run an active method on the object's backend.
+
+        The execution constraints of the running context travel with the call.
+        """
+        limits = execution.current_constraints()
+        if limits == execution.NO_CONSTRAINTS:
+            return self.object_request(obj, "call", name, args, kwargs)
+        return self.object_request(obj, "call", name, args, kwargs, limits)
 
     def get_by_alias(self, alias: str, dataset_name: str | None) -> Any:
         """Return the object registered under ``alias``."""

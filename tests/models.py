@@ -182,3 +182,41 @@ class Guarded(DataClayObject):
         with self.lock:
             self.count += 1
             return self.count
+
+
+class Solver(DataClayObject):
+    """Reports the native thread pools its active methods run with."""
+
+    label: str
+    partner: Any
+
+    def __init__(self, label: str, partner: Any = None) -> None:
+        self.label = label
+        self.partner = partner
+
+    @activemethod
+    def native_threads(self) -> tuple[int | None, int | None]:
+        """Return (BLAS threads now, max_threads of the running context)."""
+        from threadpoolctl import threadpool_info
+
+        from dataclay_hpc import current_constraints
+
+        blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        return (min(blas) if blas else None), current_constraints().max_threads
+
+    @activemethod
+    def partner_native_threads(self) -> tuple[int | None, int | None]:
+        """Ask the partner (possibly on another backend) the same question."""
+        return self.partner.native_threads()
+
+    @activemethod
+    def hold_native_threads(self, seconds: float) -> tuple[int | None, int | None]:
+        """Return the pools' setting after ``seconds`` inside the method."""
+        time.sleep(seconds)
+        return self.native_threads()
+
+    @activemethod
+    def relabel_partner(self, label: str) -> str:
+        """Change the partner from inside the job (a nested request)."""
+        self.partner.label = label
+        return self.partner.label
