@@ -46,7 +46,7 @@ from .exceptions import (
     ObjectIsNotVersionError,
     VersionConflictError,
 )
-from .metadata import BackendInfo
+from .metadata import BackendInfo, new_object_id
 from .object import (
     DataClayObject,
     heap_add,
@@ -829,7 +829,7 @@ class Backend:
             original_backend, base_stamp = meta.original_backend_id, meta.base_stamp
         version_meta = dataclasses.replace(
             meta,
-            id=uuid.uuid4(),
+            id=new_object_id(),
             original_object_id=original_id,
             versions_object_ids=chain,
             original_backend_id=original_backend,

@@ -54,7 +54,9 @@ class Coordinator:
         self.job_id = job_id
         self._secret = secret
         self.stop_requested = threading.Event()
-        self.server = RequestServer(self.handle, secret, bind_host, "coordinator")
+        self.server = RequestServer(
+            self.handle, secret, bind_host, "coordinator", spin_s=0.0
+        )
 
     def handle(self, payload: bytes, count: int, buffers: list[Any]):
         """Answer a request: ``shutdown`` or ``ping``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import uuid
 from typing import Any
 
@@ -33,7 +34,7 @@ class ObjectMetadata:
             made; a checked consolidation compares it with the original's stamp.
     """
 
-    id: uuid.UUID = dataclasses.field(default_factory=uuid.uuid4)
+    id: uuid.UUID = dataclasses.field(default_factory=lambda: new_object_id())
     class_name: str = ""
     master_backend_id: uuid.UUID | None = None
     dataset_name: str | None = None
@@ -89,6 +90,32 @@ def fast_uuid(value: int) -> uuid.UUID:
 
 
 _UNKNOWN_SAFETY = uuid.SafeUUID.unknown
+
+#: Random ids drawn from the kernel at once: one ``getrandom`` call per block
+#: instead of one per object (the call was an eighth of the client's time
+#: when eight threads made small objects persistent).
+_ID_BLOCK = 512
+_VERSION_MASK = ~(0xF000 << 64) & ~(0xC000 << 48)
+_VERSION_4 = (0x4000 << 64) | (0x8000 << 48)
+_spare_ids: list[int] = []
+
+
+def new_object_id() -> uuid.UUID:
+    """Return a new random (version 4) object id."""
+    try:
+        value = _spare_ids.pop()
+    except IndexError:
+        block = os.urandom(16 * _ID_BLOCK)
+        _spare_ids.extend(
+            int.from_bytes(block[start : start + 16], "big")
+            for start in range(0, len(block), 16)
+        )
+        value = _spare_ids.pop()
+    return fast_uuid((value & _VERSION_MASK) | _VERSION_4)
+
+
+# a forked child must not hand out the ids its parent has drawn already
+os.register_at_fork(after_in_child=_spare_ids.clear)
 
 
 def _uuid(value: int | None) -> uuid.UUID | None:

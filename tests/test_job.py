@@ -315,6 +315,56 @@ def test_idle_backends_use_next_to_no_cpu(client):
         assert (end - start) / 2.0 < 0.05
 
 
+def test_backends_go_quiet_right_after_a_burst_of_requests(client, backend_ids):
+    # a backend polls for the next request for DATACLAY_HPC_SPIN_US after each
+    # answer; that must not turn into polling while nothing arrives
+    processes = [psutil.Process(info.pid) for info in client.get_backends().values()]
+    people = [Person(f"burst{i}", i) for i in range(len(backend_ids))]
+    for person, backend_id in zip(people, backend_ids, strict=True):
+        person.make_persistent(backend_id=backend_id)
+    for _ in range(300):
+        for person in people:
+            assert person.age >= 0
+    before = [sum(p.cpu_times()[:2]) for p in processes]
+    driver_before = sum(psutil.Process().cpu_times()[:2])
+    time.sleep(2.0)
+    after = [sum(p.cpu_times()[:2]) for p in processes]
+    driver_after = sum(psutil.Process().cpu_times()[:2])
+    for start, end in zip(before, after, strict=True):
+        assert (end - start) / 2.0 < 0.05
+    assert (driver_after - driver_before) / 2.0 < 0.05
+
+
+@pytest.mark.parametrize("spin_us", ["0", "500"])
+def test_a_job_runs_with_polling_off_or_long(tmp_path, spin_us):
+    script = tmp_path / "app.py"
+    script.write_text(
+        "from dataclay_hpc import Client\n"
+        "from models import Person\n"
+        "with Client():\n"
+        "    person = Person('poll', 1)\n"
+        "    person.make_persistent()\n"
+        "    for _ in range(50):\n"
+        "        person.birthday()\n"
+        "    print('age', person.age)\n"
+    )
+    env = dict(
+        os.environ, DATACLAY_HPC_STORAGE=str(tmp_path), DATACLAY_HPC_SPIN_US=spin_us
+    )
+    result = run([PYTHON, str(script)], env=env)
+    assert result.returncode == 0, result.stderr
+    assert "age 51" in result.stdout
+
+
+def test_a_bad_polling_time_is_refused_naming_the_variable(tmp_path):
+    env = dict(os.environ, DATACLAY_HPC_SPIN_US="-5")
+    result = run([PYTHON, "-c", "import dataclay_hpc"], env=env)
+    assert result.returncode != 0
+    assert "DATACLAY_HPC_SPIN_US must be a number of at least 0; got '-5'" in (
+        result.stderr
+    )
+
+
 def test_the_secret_file_is_private(client):
     secret = Path(client.job_dir) / "secret"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600

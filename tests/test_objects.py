@@ -235,3 +235,30 @@ def test_an_argument_that_comes_back_is_the_same_object(client):
 def test_two_clients_of_one_process_share_the_embedded_job(client):
     with Client(backends=len(client.get_backends()), storage=client.storage) as other:
         assert other.get_backends() == client.get_backends()
+
+
+def test_object_ids_are_distinct_random_version_4_uuids():
+    ids = [Person(f"id{i}", i)._dc_meta.id for i in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(i.version == 4 and i.variant == uuid.RFC_4122 for i in ids)
+    # hashable and equal like any UUID built from the same value
+    assert uuid.UUID(str(ids[0])) == ids[0] and hash(uuid.UUID(int=ids[0].int)) == (
+        hash(ids[0])
+    )
+
+
+def test_a_forked_child_draws_other_object_ids_than_its_parent():
+    Person("warm", 0)  # the parent holds drawn ids now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        child_ids = ",".join(str(Person("c", 0)._dc_meta.id) for _ in range(100))
+        os.write(write, child_ids.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(map(uuid.UUID, pipe.read().split(",")))
+    os.waitpid(pid, 0)
+    parent = {Person("p", 0)._dc_meta.id for _ in range(100)}
+    assert len(child) == 100 and not child & parent
