@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import inspect
 import logging
 import os
@@ -75,6 +76,16 @@ logger = logging.getLogger(__name__)
 SHIP_CHUNK_RECORDS = 10_000
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
+# Objects a backend receives live as long as it holds them, yet the cyclic
+# garbage collector would scan each of them again and again as the heap grows
+# (a quarter of the time a backend took to take in 100 000 moved objects).
+# After this many new objects, gc.freeze() takes everything alive out of later
+# scans (a recursive move of 100 000 objects went from 2.5-2.8 s to 1.9-2.1 s;
+# a collection before each freeze cost 45 ms and found nothing). Reference counting
+# still frees frozen objects; what stays in memory is cyclic garbage that
+# existed, uncollected, at a freeze, or a cycle of frozen objects that becomes
+# garbage later.
+FREEZE_AFTER_OBJECTS = 10_000
 
 
 class _RequestGate:
@@ -166,6 +177,8 @@ class Backend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._shipper: concurrent.futures.ThreadPoolExecutor | None = None
+        # objects received since the last gc.freeze()
+        self._unfrozen = 0
         self._ops: dict[str, Callable[..., Any]] = {
             name[4:]: getattr(self, name)
             for name in dir(self)
@@ -279,6 +292,10 @@ class Backend:
                 self._materialize_records(records)
         else:
             self._materialize_records(records)
+        self._unfrozen += len(records)
+        if self._unfrozen >= FREEZE_AFTER_OBJECTS:
+            self._unfrozen = 0
+            gc.freeze()
 
     def _materialize_records(self, records: list[serialization.Record]) -> None:
         done: list[DataClayObject] = []
