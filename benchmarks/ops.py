@@ -179,6 +179,10 @@ def _time_make_persistent(
         start = time.perf_counter()
         for employee in employees:
             employee.make_persistent(backend_id=backend_id)
+        # a library may return before the backend has the object: the read
+        # waits until it has them all
+        if employees[-1].name != f"new-{repeat}-{plan.ops_per_repeat - 1}":
+            raise AssertionError("the last object made persistent was not stored")
         elapsed_s = time.perf_counter() - start
         samples_us.append(elapsed_s / plan.ops_per_repeat * 1e6)
 
@@ -214,6 +218,9 @@ def bench_threads(
         employees = [model.Employee(f"{tag}-{i}", 1.0) for i in range(per_thread)]
         for employee in employees:
             employee.make_persistent(backend_id=backend_id)
+        # timed too: the read waits until the backend holds every object
+        if employees[-1].name != f"{tag}-{per_thread - 1}":
+            raise AssertionError("the last object made persistent was not stored")
         return employees
 
     def call(employee: Any) -> None:

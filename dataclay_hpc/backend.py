@@ -47,7 +47,7 @@ from .exceptions import (
     ObjectIsNotVersionError,
     VersionConflictError,
 )
-from .metadata import BackendInfo, new_object_id
+from .metadata import BackendInfo, ObjectMetadata, new_object_id
 from .object import (
     DataClayObject,
     heap_add,
@@ -179,6 +179,8 @@ class Backend:
         self._shipper: concurrent.futures.ThreadPoolExecutor | None = None
         # objects received since the last gc.freeze()
         self._unfrozen = 0
+        # per connection thread: errors of posted requests not reported yet
+        self._connection_state = threading.local()
         self._ops: dict[str, Callable[..., Any]] = {
             name[4:]: getattr(self, name)
             for name in dir(self)
@@ -334,14 +336,23 @@ class Backend:
 
     # -- requests ------------------------------------------------------------------
 
-    def handle(self, payload: bytes, count: int, buffers: list[Any]):
-        """Answer one request frame with a reply frame."""
+    def handle(
+        self, payload: bytes, count: int, buffers: list[Any], answer_wanted: bool
+    ):
+        """Answer one request frame with a reply frame.
+
+        A posted request (``answer_wanted`` false) gets no reply; when it
+        fails, its error waits for the ``settle`` request of the same
+        connection (each connection is served by one thread).
+        """
         if count > serialization.GC_PAUSE_RECORDS:
             with serialization.paused_gc():
-                return self._handle(payload, count, buffers)
-        return self._handle(payload, count, buffers)
+                return self._handle(payload, count, buffers, answer_wanted)
+        return self._handle(payload, count, buffers, answer_wanted)
 
-    def _handle(self, payload: bytes, count: int, buffers: list[Any]):
+    def _handle(
+        self, payload: bytes, count: int, buffers: list[Any], answer_wanted: bool
+    ):
         op = "?"
         try:
             (op, username, dataset, inside_job, args), records = serialization.loads(
@@ -373,7 +384,26 @@ class Backend:
             reply = (REDIRECTED, redirect.original)
         except BaseException as exc:  # noqa: BLE001 - every error goes back to the caller
             reply = self._error_reply(exc)
+        if not answer_wanted:
+            if reply[0] != OK:
+                logger.debug("posted request %s failed: %s", op, reply[1][0])
+                self._posted_failures().append(reply[1])
+            return None
         return self._dump_reply(op, reply)
+
+    def _posted_failures(self) -> list[tuple[BaseException, str, int, str]]:
+        # the connection's thread: one list per connection
+        failures = getattr(self._connection_state, "failures", None)
+        if failures is None:
+            failures = self._connection_state.failures = []
+        return failures
+
+    def _op_settle(self, records: list) -> list[tuple[BaseException, str, int, str]]:
+        """Return, and forget, the errors of requests posted on this connection."""
+        failures = self._posted_failures()
+        taken = failures[:]
+        failures.clear()
+        return taken
 
     def _error_reply(self, exc: BaseException) -> tuple[int, Any]:
         text = "".join(traceback.format_exception(exc))
@@ -516,6 +546,12 @@ class Backend:
                 with self._aliases_lock:
                     self.aliases.pop((dataset, alias), None)
             raise
+
+    def _op_store(
+        self, records: list, cls: type, meta: ObjectMetadata, state: dict[str, Any]
+    ) -> None:
+        """Take one new object sent as a plain state (no other object in it)."""
+        self._materialize([(cls, meta, state)])
 
     def _op_receive_objects(self, records: list, roots: list) -> None:
         self._materialize(records)

@@ -58,7 +58,9 @@ class Coordinator:
             self.handle, secret, bind_host, "coordinator", spin_s=0.0
         )
 
-    def handle(self, payload: bytes, count: int, buffers: list[Any]):
+    def handle(
+        self, payload: bytes, count: int, buffers: list[Any], answer_wanted: bool
+    ):
         """Answer a request: ``shutdown`` or ``ping``."""
         (op, _username, _dataset, _args), _ = serialization.loads(
             payload, count, buffers

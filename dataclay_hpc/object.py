@@ -408,9 +408,19 @@ class DataClayObject(metaclass=_DataClayMeta):
         )
 
     def getID(self) -> str | None:  # noqa: N802 - dataClay's name
-        """Return the object's metadata as JSON, or ``None`` while it is volatile."""
+        """Return the object's metadata as JSON, or ``None`` while it is volatile.
+
+        Once it returns, the object's backend holds it: another program given
+        the id finds it.
+        """
         if not self._dc_is_registered:
             return None
+        try:
+            runtime = current_session().runtime
+        except DataClayException:  # no client in this process: nothing posted
+            runtime = None
+        if runtime is not None:
+            runtime.wait_for_stores()
         return self._dc_meta.to_json()
 
     # -- registration ------------------------------------------------------------

@@ -10,20 +10,23 @@ on the fly.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import pickle
 import random
 import socket
 import threading
 import uuid
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import execution, serialization
-from .context import Session, current_session
+from . import execution, serialization, transport
+from .context import DEFAULT_DATASET, DEFAULT_USERNAME, Session, current_session
 from .exceptions import (
     BackendDoesNotExistError,
+    BackendUnavailableError,
     DataClayException,
     DatasetAccessError,
     ObjectDoesNotExistError,
@@ -73,7 +76,24 @@ class Runtime:
         self._local = threading.local()
         self._connections_lock = threading.Lock()
         self._all_connections: list[Connection] = []
+        self._backend_of: dict[Connection, uuid.UUID] = {}
         self._closed = False
+        # (backend, username, dataset) -> classes that backend has stored
+        # objects of for that session, from answered requests
+        self._stored_classes: dict[tuple[uuid.UUID, str, str], set[type]] = {}
+        # about no session: it only asks what the connection's stores did
+        self._settle_message = (
+            pickle.dumps(
+                ("settle", DEFAULT_USERNAME, DEFAULT_DATASET, True, ()), protocol=5
+            ),
+            0,
+            (),
+        )
+        # stores posted and not yet covered by an answer, over all connections
+        self._unsettled = 0
+        self._unsettled_lock = threading.Lock()
+        self._failed_stores: list[DataClayException] = []
+        self._settles_at_exit = False
 
     # -- plumbing --------------------------------------------------------------
 
@@ -109,6 +129,8 @@ class Runtime:
                 f"backend rank {info.rank}",
                 info.local_address if info.host == _HOST else None,
             )
+            connection.on_posted_handled = self._posts_handled
+            self._backend_of[connection] = backend_id
             connections[backend_id] = connection
             with self._connections_lock:
                 self._all_connections.append(connection)
@@ -158,6 +180,9 @@ class Runtime:
         except BaseException:
             unregister(registered)
             raise
+        if registered and not self.inside_job:
+            key = (backend_id, session.username, session.dataset)
+            self._stored_classes.setdefault(key, set()).update(map(type, registered))
         if len(new_objects) > serialization.GC_PAUSE_RECORDS:
             with serialization.paused_gc():
                 _became_remote(new_objects)
@@ -173,7 +198,10 @@ class Runtime:
         Raises:
             Exception: The backend's error, with its traceback as the cause.
         """
-        frame = self._connection(backend_id).request(payload, count, buffers)
+        connection = self._connection(backend_id)
+        if self._unsettled or self._failed_stores:
+            self.wait_for_stores()
+        frame = connection.request(payload, count, buffers)
         (status, value), _ = serialization.loads(*frame)
         if status == OK:
             return value
@@ -186,6 +214,127 @@ class Runtime:
             f"raised on backend rank {rank} (host {host}):\n{remote_tb}"
         )
         raise error
+
+    def wait_for_stores(self) -> None:
+        """Return once the backends have taken every store this process posted.
+
+        Raises:
+            DataClayException: A posted store failed on its backend (each
+                failure is raised once).
+        """
+        if self._unsettled:
+            self._settle()
+        if self._failed_stores:
+            raise self._failed_stores.pop(0)
+
+    def _posts_handled(self, count: int) -> None:
+        with self._unsettled_lock:
+            self._unsettled -= count
+
+    def _settle(self) -> None:
+        """Wait until the backends have taken every store this process posted.
+
+        One ``settle`` request on each connection with posted stores: its
+        answer comes after theirs were handled, and carries their errors. A
+        thread covers its own posts this way before each of its requests, so
+        posts are never left behind a long request of their thread.
+        """
+        with self._connections_lock:
+            connections = [c for c in self._all_connections if c.posted]
+        for connection in connections:
+            backend_id = self._backend_of.get(connection)
+            if backend_id is None:  # closed meanwhile
+                continue
+            try:
+                frame = connection.settle(*self._settle_message)
+            except BackendUnavailableError as exc:
+                self._store_failed(backend_id, exc)
+                continue
+            if frame is None:  # its owner had them covered
+                continue
+            (_, failures), _ = serialization.loads(*frame)
+            for error, _text, _rank, _host in failures:
+                self._store_failed(backend_id, error)
+
+    def _store_failed(self, backend_id: uuid.UUID, error: BaseException) -> None:
+        failure = DataClayException(
+            f"a make_persistent sent to backend rank {self.backends[backend_id].rank} "
+            f"failed after the call had returned: {error}; that object was not "
+            "stored: make it persistent again"
+        )
+        failure.__cause__ = error
+        logger.error("%s", failure)
+        self._failed_stores.append(failure)
+
+    def _post_store(
+        self, obj: DataClayObject, target: uuid.UUID, session: Session
+    ) -> bool:
+        """Send ``make_persistent`` of ``obj`` without waiting for the answer.
+
+        Only when nothing the request carries can fail on ``target``: the
+        backend has stored objects of every class in it for this session
+        before, and every value is a plain one (numbers, strings, containers
+        of them, numpy arrays, objects). The next request of this process, from
+        any thread, first waits until the backends have taken every posted
+        store, and raises the error of one that failed. Returns whether it was
+        sent.
+        """
+        stored = self._stored_classes.get((target, session.username, session.dataset))
+        if not transport.MAX_POSTED or not stored:
+            return False
+        graph = _plain_graph(obj, stored)
+        if graph is _NOT_PLAIN:
+            return False
+        connection = self._connection(target)
+        if connection.posted >= transport.MAX_POSTED:
+            return False  # this one waits, and covers those before it
+        if graph is _ALONE:
+            # no other object in it: the state travels as a plain pickle
+            self._register_for(target, session)(obj)
+            new_objects = registered = [obj]
+            buffers: list[Any] = []
+            message: tuple[str, str, str, bool, tuple[Any, ...]] = (
+                "store",
+                session.username,
+                session.dataset,
+                self.inside_job,
+                (type(obj), obj.__dict__["_dc_meta"], obj._dc_get_state()),
+            )
+            payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+            count = 0
+        else:
+            message = (
+                "make_persistent",
+                session.username,
+                session.dataset,
+                self.inside_job,
+                (obj, None),
+            )
+            new_objects, registered = [], []
+            try:
+                payload, count, buffers = serialization.dumps(
+                    message,
+                    self._register_for(target, session),
+                    new_objects,
+                    registered=registered,
+                )
+            except BaseException:
+                unregister(registered)
+                raise
+        if not self._settles_at_exit:
+            _settle_at_exit(self)
+            self._settles_at_exit = True
+        with self._unsettled_lock:
+            self._unsettled += 1
+        try:
+            connection.post(payload, count, buffers)
+        except BaseException:
+            with self._unsettled_lock:
+                self._unsettled -= 1
+            unregister(registered)
+            raise
+        _became_remote(new_objects)
+        return True
 
     def object_request(self, obj: DataClayObject, op: str, *args: Any) -> Any:
         """Send a request about ``obj`` to its backend.
@@ -265,10 +414,19 @@ class Runtime:
         return [self.request(b, op, args) for b in self._backend_ids]
 
     def close(self) -> None:
-        """Close every connection this runtime opened."""
+        """Wait until posted stores are taken; close every connection.
+
+        Stores that failed were logged as errors when their failure came back.
+        """
+        try:
+            self._settle()
+        except DataClayException as exc:
+            logger.error("stores posted by this process may be lost: %s", exc)
+        self._failed_stores.clear()
         self._closed = True
         with self._connections_lock:
             connections, self._all_connections = self._all_connections, []
+            self._backend_of.clear()
         for connection in connections:
             connection.close()
 
@@ -299,7 +457,11 @@ class Runtime:
             except BaseException:
                 self.request(home, "delete_alias", (session.dataset, alias))
                 raise
-        else:
+        elif (
+            alias is not None
+            or self.inside_job
+            or not self._post_store(obj, target, session)
+        ):
             self.request(
                 target,
                 "make_persistent",
@@ -467,3 +629,80 @@ def _became_remote(objects: list[DataClayObject]) -> None:
         state = obj.__dict__
         state["_dc_is_local"] = False
         state["_dc_is_loaded"] = False
+
+
+# how many values a store may carry and still be posted without its answer
+_PLAIN_GRAPH_VALUES = 256
+_CONTAINERS = frozenset({list, tuple, set, frozenset})
+# what _plain_graph finds
+_NOT_PLAIN, _ALONE, _WITH_OBJECTS = "not plain", "alone", "with objects"
+
+
+def _plain_graph(obj: DataClayObject, stored: set[type]) -> str:
+    """Say whether ``obj`` and the volatile objects it reaches hold plain values.
+
+    Plain: the types of ``serialization.PLAIN_TYPES``, lists, tuples, sets and
+    dicts of them, numpy arrays without Python objects, and objects of the
+    classes in ``stored``, without ``__getstate__``/``__setstate__`` of their
+    own. A backend that stored these classes before cannot fail to build such
+    a state.
+
+    Returns:
+        ``_NOT_PLAIN``; ``_ALONE`` when plain and ``obj`` is the only object
+        in it; ``_WITH_OBJECTS`` when plain and other objects are reached.
+    """
+    plain = serialization.PLAIN_TYPES
+    budget = _PLAIN_GRAPH_VALUES
+    seen: set[int] = set()
+    pending: list[Any] = [obj]
+    objects = -1
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        if kind in plain:
+            continue
+        budget -= 1
+        if budget < 0:
+            return _NOT_PLAIN
+        if kind in _CONTAINERS:
+            pending.extend(value)
+        elif kind is dict:
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif kind.__name__ == "ndarray" and kind.__module__ == "numpy":
+            if value.dtype.hasobject:
+                return _NOT_PLAIN
+        elif isinstance(value, DataClayObject):
+            if kind not in stored:
+                return _NOT_PLAIN
+            objects += 1
+            state = value.__dict__
+            if state["_dc_is_registered"] or id(value) in seen:
+                continue
+            if kind._dc_getstate is not None or kind._dc_setstate is not None:
+                return _NOT_PLAIN
+            seen.add(id(value))
+            pending.extend(state[name] for name in kind._dc_properties if name in state)
+        else:
+            return _NOT_PLAIN
+    return _ALONE if objects == 0 else _WITH_OBJECTS
+
+
+_runtimes_to_settle: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _settle_at_exit(runtime: Runtime) -> None:
+    # registered on the first post, after the embedded job's own exit hook,
+    # so it runs before that hook stops the backends
+    if not _runtimes_to_settle:
+        atexit.register(_settle_all)
+    _runtimes_to_settle.add(runtime)
+
+
+def _settle_all() -> None:
+    for runtime in list(_runtimes_to_settle):
+        if not runtime._closed:
+            try:
+                runtime._settle()
+            except DataClayException as exc:
+                logger.error("stores posted by this process were lost: %s", exc)

@@ -17,6 +17,11 @@ tens of microseconds before it blocks, and so does a backend's connection
 thread waiting for the next request when nothing else runs in its process.
 Busy processes never spin, and an idle one spins once, for ``SPIN_S``, after
 its last message.
+
+A message can also be *posted*: the server handles it and sends nothing back.
+A server handles one connection's messages in order, so the answer to the
+next request on that connection says every message posted before it has been
+handled.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .exceptions import BackendUnavailableError
 logger = logging.getLogger(__name__)
 
 
-def _env_number(name: str, default: float) -> float:
+def _env_number(name: str, default: float, whole: bool = False) -> float:
     """Return the environment variable ``name`` as a number of at least 0."""
     raw = os.environ.get(name)
     if raw is None:
@@ -47,9 +52,10 @@ def _env_number(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 0.0:  # also refuses nan
+    if not value >= 0.0 or (whole and not value.is_integer()):  # also refuses nan
+        kind = "a whole number" if whole else "a number"
         raise ValueError(
-            f"{name} must be a number of at least 0; got {raw!r}: unset it for "
+            f"{name} must be {kind} of at least 0; got {raw!r}: unset it for "
             f"the default ({default:g}) or set for example {name}={default:g}"
         )
     return value
@@ -61,17 +67,27 @@ REQUEST_TIMEOUT_S = _env_number("DATACLAY_HPC_REQUEST_TIMEOUT_S", 3600.0)
 #: How long a waiting thread polls its socket before it blocks, in seconds
 #: (``DATACLAY_HPC_SPIN_US``, in microseconds; 0 turns polling off).
 SPIN_S = _env_number("DATACLAY_HPC_SPIN_US", 50.0) * 1e-6
+#: How many stores a connection sends ahead before it asks whether they were
+#: taken (``DATACLAY_HPC_STORES_AHEAD``; 0: every store waits for its answer).
+MAX_POSTED = int(_env_number("DATACLAY_HPC_STORES_AHEAD", 256, whole=True))
 
 _NONCE_BYTES = 32
 _ACCEPTED = b"OK"
-# payload length, application count, number of out-of-band buffers
+# payload length, application count, number of out-of-band buffers (its top
+# bit set: posted, the sender wants no answer)
 _HEAD = struct.Struct("!QII")
+_POSTED = 1 << 31
+# how often a thread waiting to cover another thread's posts looks again
+_SETTLE_RECHECK_S = 0.001
 _LEN = struct.Struct("!Q")
 # below this a message is joined into one bytes object and sent with sendall
 _SMALL_MESSAGE_BYTES = 1 << 16
 
 Frame = tuple[bytes, int, list[Any]]
-Handler = Callable[[bytes, int, list[Any]], tuple[bytes, int, Sequence[Any]]]
+# (payload, count, buffers, answer wanted) -> the answer, ignored when posted
+Handler = Callable[
+    [bytes, int, list[Any], bool], tuple[bytes, int, Sequence[Any]] | None
+]
 
 # The threads of this process waiting for an answer, and those answering a
 # request: one entry each (list append and pop are atomic), so a thread can
@@ -96,9 +112,11 @@ def _digest(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, nonce, hashlib.sha256).digest()
 
 
-def _send_frame(sock: socket.socket, payload: bytes, count: int, buffers) -> None:
+def _send_frame(
+    sock: socket.socket, payload: bytes, count: int, buffers, posted: bool = False
+) -> None:
     views = [memoryview(b).cast("B") for b in buffers]
-    head = _HEAD.pack(len(payload), count, len(views))
+    head = _HEAD.pack(len(payload), count, len(views) | (_POSTED if posted else 0))
     if views:
         head += b"".join(_LEN.pack(v.nbytes) for v in views)
     total = len(head) + len(payload) + sum(v.nbytes for v in views)
@@ -142,7 +160,8 @@ def _read_buffer(rfile, size: int):
     return buffer
 
 
-def _recv_frame(rfile) -> Frame | None:
+def _recv_frame(rfile) -> tuple[Frame, bool] | None:
+    """Read one message: its frame, and whether it was posted (no answer)."""
     head = rfile.read(_HEAD.size)
     if head is None:  # the kernel's receive timeout expired
         raise TimeoutError("no answer within the request timeout")
@@ -151,12 +170,14 @@ def _recv_frame(rfile) -> Frame | None:
     if len(head) != _HEAD.size:
         raise EOFError("connection closed inside a message header")
     size, count, nbuffers = _HEAD.unpack(head)
+    posted = bool(nbuffers & _POSTED)
+    nbuffers &= ~_POSTED
     sizes = []
     if nbuffers:
         raw = _read_exact(rfile, _LEN.size * nbuffers)
         sizes = [_LEN.unpack_from(raw, i * _LEN.size)[0] for i in range(nbuffers)]
     payload = _read_exact(rfile, size)
-    return payload, count, [_read_buffer(rfile, n) for n in sizes]
+    return (payload, count, [_read_buffer(rfile, n) for n in sizes]), posted
 
 
 def _connect(address: tuple[str, int], local_address: str | None) -> socket.socket:
@@ -230,42 +251,114 @@ class Connection:
         self._rfile = rfile
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
+        # one owner thread, but another may ask for what it posted
+        self._lock = threading.Lock()
+        self._posted = 0
+        #: Called with the number of posted messages an answer has covered.
+        self.on_posted_handled: Callable[[int], None] | None = None
 
     def request(self, payload: bytes, count: int, buffers: Sequence[Any]) -> Frame:
         """Send one message and wait for its answer.
+
+        The server answers in order, so the answer also says that every message
+        posted before it on this connection has been handled.
 
         Raises:
             BackendUnavailableError: The server went away or did not answer within
                 ``DATACLAY_HPC_REQUEST_TIMEOUT_S`` seconds.
         """
+        with self._lock:
+            return self._request(payload, count, buffers)
+
+    def _request(self, payload: bytes, count: int, buffers: Sequence[Any]) -> Frame:
         _awaiting.append(None)
         try:
-            _send_frame(self._sock, payload, count, buffers)
+            self._send(payload, count, buffers, False)
             if SPIN_S and len(_awaiting) == 1 and len(_answering) <= 1:
                 _poll_until_readable(self._poller, SPIN_S)
-            frame = _recv_frame(self._rfile)
+            frame = self._receive()
+        finally:
+            _awaiting.pop()
+        handled, self._posted = self._posted, 0
+        if handled and self.on_posted_handled is not None:
+            self.on_posted_handled(handled)
+        return frame
+
+    def settle(
+        self, payload: bytes, count: int, buffers: Sequence[Any]
+    ) -> Frame | None:
+        """Send ``payload`` as a request if messages posted here are not covered.
+
+        From any thread. Returns the answer, or ``None`` when an answer on this
+        connection has covered them meanwhile. The owner thread covers what it
+        posted before each request of its own, so a long request of the owner
+        holds no one up here: once its posts are covered this returns.
+        """
+        while self._posted:
+            if self._lock.acquire(timeout=_SETTLE_RECHECK_S):
+                try:
+                    if not self._posted:
+                        return None
+                    return self._request(payload, count, buffers)
+                finally:
+                    self._lock.release()
+        return None
+
+    def post(self, payload: bytes, count: int, buffers: Sequence[Any]) -> None:
+        """Send one message that the server handles without answering.
+
+        The answer to the next ``request`` says it has been handled.
+
+        Raises:
+            BackendUnavailableError: The server went away.
+        """
+        with self._lock:
+            self._send(payload, count, buffers, True)
+            self._posted += 1
+
+    @property
+    def posted(self) -> int:
+        """How many posted messages no answer has covered yet."""
+        return self._posted
+
+    def _send(
+        self, payload: bytes, count: int, buffers: Sequence[Any], posted: bool
+    ) -> None:
+        try:
+            _send_frame(self._sock, payload, count, buffers, posted)
+        except (OSError, EOFError) as exc:
+            self._fail()
+            raise BackendUnavailableError(
+                f"{self.name} at {self.address[0]}:{self.address[1]} cannot take "
+                f"a request: {exc}"
+            ) from exc
+
+    def _receive(self) -> Frame:
+        try:
+            received = _recv_frame(self._rfile)
         except (BlockingIOError, TimeoutError) as exc:
-            self.close()
+            self._fail()
             raise BackendUnavailableError(
                 f"{self.name} at {self.address[0]}:{self.address[1]} did not answer "
                 f"within {REQUEST_TIMEOUT_S:g} s (DATACLAY_HPC_REQUEST_TIMEOUT_S); "
                 "raise that limit for longer active methods"
             ) from exc
         except (OSError, EOFError) as exc:
-            self.close()
+            self._fail()
             raise BackendUnavailableError(
                 f"{self.name} at {self.address[0]}:{self.address[1]} failed to "
                 f"answer: {exc}"
             ) from exc
-        finally:
-            _awaiting.pop()
-        if frame is None:
-            self.close()
+        if received is None:
+            self._fail()
             raise BackendUnavailableError(
                 f"{self.name} at {self.address[0]}:{self.address[1]} closed the "
                 "connection before answering; the rank has stopped"
             )
-        return frame
+        return received[0]
+
+    def _fail(self) -> None:
+        self.close()
 
     @property
     def closed(self) -> bool:
@@ -385,15 +478,18 @@ class RequestServer:
                             _poll_until_readable(poller, spin_s)
                         finally:
                             _polling.release()
-                frame = _recv_frame(rfile)
-                if frame is None:
+                received = _recv_frame(rfile)
+                if received is None:
                     return
+                (payload, count, buffers), posted = received
                 _answering.append(None)
                 try:
-                    payload, count, buffers = self._handler(*frame)
+                    answer = self._handler(payload, count, buffers, not posted)
                 finally:
                     _answering.pop()
-                _send_frame(sock, payload, count, buffers)
+                if not posted:
+                    assert answer is not None
+                    _send_frame(sock, *answer)
         except (OSError, EOFError) as exc:
             if not self._closed:
                 logger.debug("%s: connection from %s ended: %s", self._name, peer, exc)
