@@ -89,9 +89,6 @@ class Runtime:
             0,
             (),
         )
-        # stores posted and not yet covered by an answer, over all connections
-        self._unsettled = 0
-        self._unsettled_lock = threading.Lock()
         self._failed_stores: list[DataClayException] = []
         self._settles_at_exit = False
 
@@ -199,7 +196,7 @@ class Runtime:
             Exception: The backend's error, with its traceback as the cause.
         """
         connection = self._connection(backend_id)
-        if self._unsettled or self._failed_stores:
+        if _unsettled[0] or self._failed_stores:
             self.wait_for_stores()
         frame = connection.request(payload, count, buffers)
         (status, value), _ = serialization.loads(*frame)
@@ -218,18 +215,25 @@ class Runtime:
     def wait_for_stores(self) -> None:
         """Return once the backends have taken every store this process posted.
 
+        Covers the stores of every client of the process: an object made
+        persistent through one client may be handed to a thread of another.
+
         Raises:
-            DataClayException: A posted store failed on its backend (each
-                failure is raised once).
+            DataClayException: A store posted through this runtime failed on
+                its backend (each failure is raised once).
         """
-        if self._unsettled:
-            self._settle()
+        if _unsettled[0]:
+            with _unsettled_lock:
+                runtimes = list(_runtimes_to_settle)
+            for runtime in runtimes:
+                if not runtime._closed:
+                    runtime._settle()
         if self._failed_stores:
             raise self._failed_stores.pop(0)
 
     def _posts_handled(self, count: int) -> None:
-        with self._unsettled_lock:
-            self._unsettled -= count
+        with _unsettled_lock:
+            _unsettled[0] -= count
 
     def _settle(self) -> None:
         """Wait until the backends have taken every store this process posted.
@@ -324,13 +328,13 @@ class Runtime:
         if not self._settles_at_exit:
             _settle_at_exit(self)
             self._settles_at_exit = True
-        with self._unsettled_lock:
-            self._unsettled += 1
+        with _unsettled_lock:
+            _unsettled[0] += 1
         try:
             connection.post(payload, count, buffers)
         except BaseException:
-            with self._unsettled_lock:
-                self._unsettled -= 1
+            with _unsettled_lock:
+                _unsettled[0] -= 1
             unregister(registered)
             raise
         _became_remote(new_objects)
@@ -688,19 +692,27 @@ def _plain_graph(obj: DataClayObject, stored: set[type]) -> str:
     return _ALONE if objects == 0 else _WITH_OBJECTS
 
 
+# every runtime of this process that has posted stores
 _runtimes_to_settle: weakref.WeakSet[Runtime] = weakref.WeakSet()
+# stores posted and not yet covered by an answer, over every runtime of the
+# process (one cell, changed under the lock)
+_unsettled = [0]
+_unsettled_lock = threading.Lock()
 
 
 def _settle_at_exit(runtime: Runtime) -> None:
     # registered on the first post, after the embedded job's own exit hook,
     # so it runs before that hook stops the backends
-    if not _runtimes_to_settle:
-        atexit.register(_settle_all)
-    _runtimes_to_settle.add(runtime)
+    with _unsettled_lock:
+        if not _runtimes_to_settle:
+            atexit.register(_settle_all)
+        _runtimes_to_settle.add(runtime)
 
 
 def _settle_all() -> None:
-    for runtime in list(_runtimes_to_settle):
+    with _unsettled_lock:
+        runtimes = list(_runtimes_to_settle)
+    for runtime in runtimes:
         if not runtime._closed:
             try:
                 runtime._settle()

@@ -254,7 +254,8 @@ class Connection:
         # one owner thread, but another may ask for what it posted
         self._lock = threading.Lock()
         self._posted = 0
-        #: Called with the number of posted messages an answer has covered.
+        #: Called with the number of posted messages an answer has covered, or
+        #: that were lost with the connection.
         self.on_posted_handled: Callable[[int], None] | None = None
 
     def request(self, payload: bytes, count: int, buffers: Sequence[Any]) -> Frame:
@@ -359,6 +360,10 @@ class Connection:
 
     def _fail(self) -> None:
         self.close()
+        # posted messages are lost with the connection: nothing will cover them
+        lost, self._posted = self._posted, 0
+        if lost and self.on_posted_handled is not None:
+            self.on_posted_handled(lost)
 
     @property
     def closed(self) -> bool:

@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -240,3 +241,34 @@ def test_an_id_from_getid_is_found_by_another_program(client, backend_ids):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["199"]
+
+
+def test_stores_of_another_client_of_the_process_are_covered(client, backend_ids):
+    handed: queue.Queue = queue.Queue()
+    dataset = f"ahead-{uuid.uuid4().hex[:8]}"
+
+    def other_client() -> None:
+        with Client(dataset=dataset, backends=len(backend_ids), storage=client.storage):
+            for backend_id in backend_ids:
+                Person("warm", 0).make_persistent(backend_id=backend_id)
+            for i in range(300):
+                person = Person(f"o{i}", i)
+                person.make_persistent(backend_id=backend_ids[i % len(backend_ids)])
+                handed.put(person)
+            handed.put(None)
+            assert stopping.wait(60)
+
+    stopping = threading.Event()
+    worker = threading.Thread(target=other_client)
+    worker.start()
+    try:
+        seen = []
+        while (person := handed.get(timeout=60)) is not None:
+            # this thread's session is the fixture's client: the same user
+            # reads across its datasets, through its own connections
+            seen.append(person.age)
+        assert seen == list(range(300))
+        assert person is None
+    finally:
+        stopping.set()
+        worker.join(timeout=60)
