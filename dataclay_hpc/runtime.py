@@ -229,7 +229,11 @@ class Runtime:
                 if not runtime._closed:
                     runtime._settle()
         if self._failed_stores:
-            raise self._failed_stores.pop(0)
+            try:
+                failure = self._failed_stores.pop(0)
+            except IndexError:  # another thread raised it
+                return
+            raise failure
 
     def _posts_handled(self, count: int) -> None:
         with _unsettled_lock:
@@ -252,7 +256,7 @@ class Runtime:
             try:
                 frame = connection.settle(*self._settle_message)
             except BackendUnavailableError as exc:
-                self._store_failed(backend_id, exc)
+                self._store_failed(backend_id, exc, lost_connection=True)
                 continue
             if frame is None:  # its owner had them covered
                 continue
@@ -260,12 +264,23 @@ class Runtime:
             for error, _text, _rank, _host in failures:
                 self._store_failed(backend_id, error)
 
-    def _store_failed(self, backend_id: uuid.UUID, error: BaseException) -> None:
-        failure = DataClayException(
-            f"a make_persistent sent to backend rank {self.backends[backend_id].rank} "
-            f"failed after the call had returned: {error}; that object was not "
-            "stored: make it persistent again"
-        )
+    def _store_failed(
+        self, backend_id: uuid.UUID, error: BaseException, lost_connection: bool = False
+    ) -> None:
+        rank = self.backends[backend_id].rank
+        if lost_connection:
+            text = (
+                f"objects made persistent on backend rank {rank} may not have been "
+                f"stored: the connection failed before the backend confirmed them "
+                f"({error}); check the job's log for that rank"
+            )
+        else:
+            text = (
+                f"a make_persistent sent to backend rank {rank} failed after the "
+                f"call had returned: {error}; that object was not stored: make it "
+                "persistent again"
+            )
+        failure = DataClayException(text)
         failure.__cause__ = error
         logger.error("%s", failure)
         self._failed_stores.append(failure)
@@ -304,7 +319,13 @@ class Runtime:
                 self.inside_job,
                 (type(obj), obj.__dict__["_dc_meta"], obj._dc_get_state()),
             )
-            payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+            try:
+                payload = pickle.dumps(
+                    message, protocol=5, buffer_callback=buffers.append
+                )
+            except BaseException:
+                unregister(registered)
+                raise
             count = 0
         else:
             message = (

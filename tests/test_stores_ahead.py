@@ -272,3 +272,32 @@ def test_stores_of_another_client_of_the_process_are_covered(client, backend_ids
     finally:
         stopping.set()
         worker.join(timeout=60)
+
+
+def test_stores_lost_with_their_backend_are_reported_at_the_next_call(tmp_path):
+    script = tmp_path / "lost.py"
+    script.write_text(
+        "import os, signal\n"
+        "from dataclay_hpc import Client\n"
+        "from dataclay_hpc.exceptions import DataClayException\n"
+        "from models import Person\n"
+        "client = Client(backends=2)\n"
+        "client.start()\n"
+        "info = list(client.get_backends().values())[0]\n"
+        "Person('first', 0).make_persistent(backend_id=info.id)\n"
+        "people = [Person(str(i), i) for i in range(100)]\n"
+        "for person in people:\n"
+        "    person.make_persistent(backend_id=info.id)\n"
+        "os.kill(info.pid, signal.SIGKILL)\n"
+        "try:\n"
+        "    people[-1].age\n"
+        "except DataClayException as exc:\n"
+        "    print('raised:', exc)\n"
+        "client.stop()\n"
+    )
+    env = dict(os.environ, DATACLAY_HPC_STORAGE=str(tmp_path / "store"))
+    result = run([sys.executable, str(script)], env=env, timeout_s=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "raised: objects made persistent on backend rank 1 may not have" in (
+        result.stdout
+    )
