@@ -328,35 +328,30 @@ class Connection:
         try:
             _send_frame(self._sock, payload, count, buffers, posted)
         except (OSError, EOFError) as exc:
-            self._fail()
-            raise BackendUnavailableError(
-                f"{self.name} at {self.address[0]}:{self.address[1]} cannot take "
-                f"a request: {exc}"
-            ) from exc
+            raise self._unavailable(f"cannot take a request: {exc}") from exc
 
     def _receive(self) -> Frame:
         try:
             received = _recv_frame(self._rfile)
         except (BlockingIOError, TimeoutError) as exc:
-            self._fail()
-            raise BackendUnavailableError(
-                f"{self.name} at {self.address[0]}:{self.address[1]} did not answer "
-                f"within {REQUEST_TIMEOUT_S:g} s (DATACLAY_HPC_REQUEST_TIMEOUT_S); "
-                "raise that limit for longer active methods"
+            raise self._unavailable(
+                f"did not answer within {REQUEST_TIMEOUT_S:g} s "
+                "(DATACLAY_HPC_REQUEST_TIMEOUT_S); raise that limit for longer "
+                "active methods"
             ) from exc
         except (OSError, EOFError) as exc:
-            self._fail()
-            raise BackendUnavailableError(
-                f"{self.name} at {self.address[0]}:{self.address[1]} failed to "
-                f"answer: {exc}"
-            ) from exc
+            raise self._unavailable(f"failed to answer: {exc}") from exc
         if received is None:
-            self._fail()
-            raise BackendUnavailableError(
-                f"{self.name} at {self.address[0]}:{self.address[1]} closed the "
-                "connection before answering; the rank has stopped"
+            raise self._unavailable(
+                "closed the connection before answering; the rank has stopped"
             )
         return received[0]
+
+    def _unavailable(self, what: str) -> BackendUnavailableError:
+        """Give the connection up; return the error that says why."""
+        self._fail()
+        host, port = self.address
+        return BackendUnavailableError(f"{self.name} at {host}:{port} {what}")
 
     def _fail(self) -> None:
         self.close()
