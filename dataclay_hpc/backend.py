@@ -764,7 +764,11 @@ class Backend:
             handled: list[DataClayObject] = []
             serialization.dumps(roots, self.register_new, handled, follow=follow)
             return [o._dc_meta.id for o in handled], outside
-        shipped = self._ship_in_chunks(roots, target, follow)
+        shipped = None
+        if not follow_references and len(roots) == 1:
+            shipped = self._ship_plain(roots[0], target)
+        if shipped is None:
+            shipped = self._ship_in_chunks(roots, target, follow)
         for obj in shipped:
             obj._dc_drop_state()
             obj.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
@@ -775,6 +779,29 @@ class Backend:
             heap_add(obj)  # still referred to here, now as a proxy
         logger.debug("shipped %d objects to backend %s", len(shipped), target)
         return [o._dc_meta.id for o in shipped], outside
+
+    def _ship_plain(
+        self, obj: DataClayObject, target: uuid.UUID
+    ) -> list[DataClayObject] | None:
+        """Send one object whose state holds no other object as a plain pickle.
+
+        Returns ``[obj]`` once the target holds it, or ``None`` when the state
+        needs the job's pickler (it refers to persistent objects, which only
+        travel as references); nothing has been sent then.
+        """
+        assert self.runtime is not None
+        if not obj.__dict__["_dc_is_loaded"]:
+            self.load(obj)
+        session = current_session()
+        buffers: list[Any] = []
+        record = (type(obj), obj._dc_meta, obj._dc_get_state())
+        message = ("store", session.username, session.dataset, True, record)
+        try:
+            payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+        except (TypeError, pickle.PicklingError, AttributeError):
+            return None
+        self.runtime.send(target, payload, 0, buffers)
+        return [obj]
 
     def _ship_in_chunks(
         self,

@@ -39,6 +39,10 @@ __all__ = ["Coordinator"]
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+#: How long a stopping job lets its driver end on its own before it sends the
+#: driver SIGTERM, in seconds (the signal that stops the job often reached the
+#: driver as well).
+DRIVER_OWN_STOP_S = 1.0
 
 
 class Coordinator:
@@ -145,6 +149,13 @@ class Coordinator:
 
     @staticmethod
     def _stop_driver(driver: subprocess.Popen) -> int:
+        # Slurm (scancel, --signal) and a terminal's Ctrl-C signal the driver
+        # too; a second SIGTERM could hit it while it exits, after Python has
+        # dropped its handlers, and turn its own exit code into a kill
+        try:
+            return driver.wait(timeout=DRIVER_OWN_STOP_S)
+        except subprocess.TimeoutExpired:
+            pass
         driver.terminate()
         try:
             return driver.wait(timeout=STOP_GRACE_S)

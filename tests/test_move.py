@@ -7,7 +7,7 @@ import uuid
 
 import numpy as np
 import pytest
-from models import Matrix, Node, Person
+from models import Custom, Matrix, Node, Person
 from seed_model import Company, Employee
 
 from dataclay_hpc.exceptions import BackendDoesNotExistError
@@ -161,6 +161,33 @@ def test_large_arrays_move_with_their_object(client, backend_ids):
     matrix.move(backend_ids[-1], recursive=True)
     assert matrix.sum() == pytest.approx(float(data.sum()))
     np.testing.assert_array_equal(matrix.data, data)
+
+
+def test_one_object_moves_whatever_its_state_holds(client, backend_ids):
+    source, target = backend_ids[0], backend_ids[-1]
+    data = np.arange(2_000_000, dtype=np.float64)
+    matrix = Matrix(data)  # a large array, out of band
+    custom = Custom(7)  # __getstate__/__setstate__ of its own
+    referent = Person("ref", 3)
+    referent.make_persistent(backend_id=source)
+    holder = Node(referent, None)  # refers to a persistent object
+    flushed = Person("flushed", 9)  # in the store, not in memory, when it moves
+    for obj in (matrix, custom, holder, flushed):
+        obj.make_persistent(backend_id=source)
+    version = flushed.new_version()
+    client.flush_all()
+    for obj in (matrix, custom, holder, flushed, version):
+        obj.move(target)
+        assert obj._dc_meta.master_backend_id == target
+    np.testing.assert_array_equal(matrix.data, data)
+    assert custom.read() == (7, 1)
+    assert holder.value_age() == 3
+    assert referent._dc_meta.master_backend_id == source  # not recursive
+    assert (flushed.name, flushed.age) == ("flushed", 9)
+    version.age = 10
+    version.consolidate_version()
+    assert flushed.age == 10
+    assert flushed._dc_meta.master_backend_id == target
 
 
 def test_100000_linked_nodes_move_recursively(client, backend_ids):
