@@ -80,6 +80,8 @@ _POSTED = 1 << 31
 # how often a thread waiting to cover another thread's posts looks again
 _SETTLE_RECHECK_S = 0.001
 _LEN = struct.Struct("!Q")
+# socket buffers of connections between ranks of one host
+_UNIX_BUFFER_BYTES = 4 << 20
 # below this a message is joined into one bytes object and sent with sendall
 _SMALL_MESSAGE_BYTES = 1 << 16
 
@@ -106,6 +108,17 @@ def _poll_until_readable(poller: select.poll, spin_s: float) -> None:
     poll = poller.poll
     while not poll(0) and clock() < end:
         pass
+
+
+def _tune(sock: socket.socket) -> None:
+    """Set a new connection up for small requests and large arrays alike."""
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return  # TCP sizes its buffers itself; a fixed size would stop that
+    # the default (~200 KB) makes a 100 MB array ~500 hand-offs between the
+    # two processes; the kernel caps this at net.core.[wr]mem_max
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_BUFFER_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UNIX_BUFFER_BYTES)
 
 
 def _digest(secret: bytes, nonce: bytes) -> bytes:
@@ -222,8 +235,7 @@ class Connection:
             ) from exc
         try:
             sock.settimeout(HANDSHAKE_TIMEOUT_S)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(sock)
             rfile = sock.makefile("rb")
             nonce = _read_exact(rfile, _NONCE_BYTES)
             sock.sendall(_digest(secret, nonce))
@@ -461,8 +473,7 @@ class RequestServer:
     def _serve(self, sock: socket.socket, peer) -> None:
         rfile = sock.makefile("rb")
         try:
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(sock)
             if not self._authenticate(sock, rfile):
                 logger.warning(
                     "%s refused a peer without the job secret: %s", self._name, peer
