@@ -793,11 +793,10 @@ class Backend:
         if not obj.__dict__["_dc_is_loaded"]:
             self.load(obj)
         session = current_session()
-        buffers: list[Any] = []
-        record = (type(obj), obj._dc_meta, obj._dc_get_state())
-        message = ("store", session.username, session.dataset, True, record)
         try:
-            payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+            payload, buffers = serialization.dumps_store(
+                obj, session.username, session.dataset, True
+            )
         except (TypeError, pickle.PicklingError, AttributeError):
             return None
         self.runtime.send(target, payload, 0, buffers)

@@ -151,27 +151,11 @@ class Runtime:
         too, and become proxies here when it succeeds.
         """
         session = session or current_session()
-        message = (op, session.username, session.dataset, self.inside_job, args)
         new_objects: list[DataClayObject] = []
         registered: list[DataClayObject] = []
-        buffers: list[Any]
-        try:
-            if all(type(arg) in serialization.PLAIN_TYPES for arg in args):
-                # nothing persistent can hide in it: skip the job's pickler
-                payload, count, buffers = pickle.dumps(message, protocol=5), 0, []
-            else:
-                payload, count, buffers = serialization.dumps(
-                    message, register, new_objects, follow=follow, registered=registered
-                )
-        except serialization.ClassImportError:
-            unregister(registered)
-            raise
-        except _PICKLE_ERRORS as exc:
-            unregister(registered)
-            raise DataClayException(
-                f"cannot send {op} request: a value cannot be pickled ({exc}); "
-                "persistent attributes and arguments must be picklable"
-            ) from exc
+        payload, count, buffers = self._pickle_request(
+            op, args, session, register, follow, new_objects, registered
+        )
         try:
             value = self.send(backend_id, payload, count, buffers)
         except BaseException:
@@ -186,6 +170,38 @@ class Runtime:
         else:
             _became_remote(new_objects)
         return value
+
+    def _pickle_request(
+        self,
+        op: str,
+        args: tuple,
+        session: Session,
+        register: Callable[[DataClayObject], None] | None,
+        follow: Callable[[DataClayObject], bool] | None,
+        new_objects: list[DataClayObject],
+        registered: list[DataClayObject],
+    ) -> tuple[bytes, int, list[Any]]:
+        """Pickle a request; on failure the objects it registered are volatile again."""
+        message = (op, session.username, session.dataset, self.inside_job, args)
+        try:
+            if all(type(arg) in serialization.PLAIN_TYPES for arg in args):
+                # nothing persistent can hide in it: skip the job's pickler
+                return pickle.dumps(message, protocol=5), 0, []
+            return serialization.dumps(
+                message, register, new_objects, follow=follow, registered=registered
+            )
+        except serialization.ClassImportError:
+            unregister(registered)
+            raise
+        except _PICKLE_ERRORS as exc:
+            unregister(registered)
+            raise DataClayException(
+                f"cannot send {op} request: a value cannot be pickled ({exc}); "
+                "persistent attributes and arguments must be picklable"
+            ) from exc
+        except BaseException:
+            unregister(registered)
+            raise
 
     def send(
         self, backend_id: uuid.UUID, payload: bytes, count: int, buffers: Sequence[Any]
@@ -223,11 +239,7 @@ class Runtime:
                 its backend (each failure is raised once).
         """
         if _unsettled[0]:
-            with _unsettled_lock:
-                runtimes = list(_runtimes_to_settle)
-            for runtime in runtimes:
-                if not runtime._closed:
-                    runtime._settle()
+            _settle_every_runtime()
         if self._failed_stores:
             try:
                 failure = self._failed_stores.pop(0)
@@ -307,45 +319,31 @@ class Runtime:
         connection = self._connection(target)
         if connection.posted >= transport.MAX_POSTED:
             return False  # this one waits, and covers those before it
+        new_objects: list[DataClayObject] = []
+        registered: list[DataClayObject] = []
         if graph is _ALONE:
             # no other object in it: the state travels as a plain pickle
             self._register_for(target, session)(obj)
-            new_objects = registered = [obj]
-            buffers: list[Any] = []
-            message: tuple[str, str, str, bool, tuple[Any, ...]] = (
-                "store",
-                session.username,
-                session.dataset,
-                self.inside_job,
-                (type(obj), obj.__dict__["_dc_meta"], obj._dc_get_state()),
-            )
+            new_objects.append(obj)
+            registered.append(obj)
             try:
-                payload = pickle.dumps(
-                    message, protocol=5, buffer_callback=buffers.append
+                payload, buffers = serialization.dumps_store(
+                    obj, session.username, session.dataset, self.inside_job
                 )
             except BaseException:
                 unregister(registered)
                 raise
             count = 0
         else:
-            message = (
+            payload, count, buffers = self._pickle_request(
                 "make_persistent",
-                session.username,
-                session.dataset,
-                self.inside_job,
                 (obj, None),
+                session,
+                self._register_for(target, session),
+                None,
+                new_objects,
+                registered,
             )
-            new_objects, registered = [], []
-            try:
-                payload, count, buffers = serialization.dumps(
-                    message,
-                    self._register_for(target, session),
-                    new_objects,
-                    registered=registered,
-                )
-            except BaseException:
-                unregister(registered)
-                raise
         if not self._settles_at_exit:
             _settle_at_exit(self)
             self._settles_at_exit = True
@@ -730,12 +728,16 @@ def _settle_at_exit(runtime: Runtime) -> None:
         _runtimes_to_settle.add(runtime)
 
 
-def _settle_all() -> None:
+def _settle_every_runtime() -> None:
     with _unsettled_lock:
         runtimes = list(_runtimes_to_settle)
     for runtime in runtimes:
         if not runtime._closed:
-            try:
-                runtime._settle()
-            except DataClayException as exc:
-                logger.error("stores posted by this process were lost: %s", exc)
+            runtime._settle()
+
+
+def _settle_all() -> None:
+    try:
+        _settle_every_runtime()
+    except DataClayException as exc:
+        logger.error("stores posted by this process were lost: %s", exc)

@@ -32,7 +32,7 @@ from .object import (
     set_object_reducer,
 )
 
-__all__ = ["ClassImportError", "Record", "dumps", "loads"]
+__all__ = ["ClassImportError", "Record", "dumps", "dumps_store", "loads"]
 
 # value types that cannot hold a persistent object: they pickle without the
 # job's pickler
@@ -286,6 +286,28 @@ def dumps(
         pause.close()
         pickler.release()
         _per_thread.pickler = pickler
+
+
+def dumps_store(
+    obj: DataClayObject, username: str, dataset: str, inside_job: bool
+) -> tuple[bytes, list[Any]]:
+    """Pickle a ``store`` request of ``obj``: its record with the plain pickler.
+
+    For an object whose state holds no other object; the backend's ``store``
+    takes it without the records machinery.
+
+    Returns:
+        ``(payload, out-of-band buffers)``; the message has no records.
+
+    Raises:
+        TypeError: The state holds a persistent object (they only travel as
+            references, through ``dumps``) or a value that cannot be pickled;
+            ``pickle.PicklingError`` and ``AttributeError`` for the latter too.
+    """
+    buffers: list[Any] = []
+    record = (type(obj), obj.__dict__["_dc_meta"], obj._dc_get_state())
+    message = ("store", username, dataset, inside_job, record)
+    return pickle.dumps(message, protocol=5, buffer_callback=buffers.append), buffers
 
 
 def loads(
