@@ -47,7 +47,7 @@ from .exceptions import (
     ObjectIsNotVersionError,
     VersionConflictError,
 )
-from .metadata import BackendInfo, ObjectMetadata, new_object_id
+from .metadata import BackendInfo, ObjectMetadata, fast_uuid, new_object_id
 from .object import (
     DataClayObject,
     heap_add,
@@ -74,6 +74,9 @@ logger = logging.getLogger(__name__)
 # records per message of a recursive move: small enough that pickling the
 # next chunk overlaps with the target rebuilding this one
 SHIP_CHUNK_RECORDS = 10_000
+# fields of a request that names its object by id (Runtime._request_by_id):
+# op, username, dataset, inside_job, args, object id, class, dataset of the object
+_BY_ID = 8
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
 # Objects a backend receives live as long as it holds them, yet the cyclic
@@ -289,6 +292,8 @@ class Backend:
         )
 
     def _materialize(self, records: list[serialization.Record]) -> None:
+        if not records:
+            return
         if len(records) > serialization.GC_PAUSE_RECORDS:
             with serialization.paused_gc():
                 self._materialize_records(records)
@@ -355,9 +360,12 @@ class Backend:
     ):
         op = "?"
         try:
-            (op, username, dataset, inside_job, args), records = serialization.loads(
-                payload, count, buffers
-            )
+            message, records = serialization.loads(payload, count, buffers)
+            if len(message) == _BY_ID:
+                op, username, dataset, inside_job, args = message[:5]
+                args = (self._object(*message[5:]), *args)
+            else:
+                op, username, dataset, inside_job, args = message
             try:
                 handler = self._ops[op]
             except KeyError:
@@ -391,6 +399,15 @@ class Backend:
             return None
         return self._dump_reply(op, reply)
 
+    def _object(self, object_id: int, cls: type, dataset: str | None) -> DataClayObject:
+        """Return this process's object for a request that names it by id."""
+        key = fast_uuid(object_id)
+        obj = self.objects.get(key)
+        if obj is not None:
+            return obj
+        # not held here: the handler says where it went, as for a reference
+        return heap_get_or_create(key, cls, self.backend_id, dataset)
+
     def _posted_failures(self) -> list[tuple[BaseException, str, int, str]]:
         # the connection's thread: one list per connection
         failures = getattr(self._connection_state, "failures", None)
@@ -410,7 +427,7 @@ class Backend:
         return ERROR, (exc, text, self.rank, self.host)
 
     def _dump_reply(self, op: str, reply: tuple[int, Any]):
-        if type(reply[1]) in serialization.PLAIN_TYPES:  # no object can hide in it
+        if type(reply[1]) in serialization.PLAIN_VALUE_TYPES:  # no object in it
             return pickle.dumps(reply, protocol=5), 0, ()
         try:
             return serialization.dumps(reply, self.register_new, ship=False)
@@ -662,10 +679,14 @@ class Backend:
         recursive: bool,
         remotes: bool,
     ) -> uuid.UUID:
-        root = self._reach(obj, True)._dc_meta.id
+        obj = self._reach(obj, True)
+        root = obj._dc_meta.id
         if not recursive:
             if target != self.backend_id:
-                self._ship_closure([root], target, set(), follow_references=False)
+                if self._ship_plain(obj, target):
+                    self._moved_away([obj], target)
+                else:
+                    self._ship_closure([root], target, set(), follow_references=False)
             return target
         assert self.runtime is not None
         # breadth first over backends; each round ships what one backend holds
@@ -764,30 +785,29 @@ class Backend:
             handled: list[DataClayObject] = []
             serialization.dumps(roots, self.register_new, handled, follow=follow)
             return [o._dc_meta.id for o in handled], outside
-        shipped = None
-        if not follow_references and len(roots) == 1:
-            shipped = self._ship_plain(roots[0], target)
-        if shipped is None:
-            shipped = self._ship_in_chunks(roots, target, follow)
+        shipped = self._ship_in_chunks(roots, target, follow)
+        self._moved_away(shipped, target)
+        return [o._dc_meta.id for o in shipped], outside
+
+    def _moved_away(self, shipped: list[DataClayObject], target: uuid.UUID) -> None:
+        """Turn objects ``target`` now holds into proxies that point there."""
+        objects, moved = self.objects, self.moved
         for obj in shipped:
             obj._dc_drop_state()
             obj.__dict__.update(_dc_is_local=False, _dc_is_loaded=False)
             meta = obj._dc_meta
-            self.objects.pop(meta.id, None)
-            self.moved[meta.id] = target
+            objects.pop(meta.id, None)
+            moved[meta.id] = target
             meta.master_backend_id = target
             heap_add(obj)  # still referred to here, now as a proxy
         logger.debug("shipped %d objects to backend %s", len(shipped), target)
-        return [o._dc_meta.id for o in shipped], outside
 
-    def _ship_plain(
-        self, obj: DataClayObject, target: uuid.UUID
-    ) -> list[DataClayObject] | None:
+    def _ship_plain(self, obj: DataClayObject, target: uuid.UUID) -> bool:
         """Send one object whose state holds no other object as a plain pickle.
 
-        Returns ``[obj]`` once the target holds it, or ``None`` when the state
-        needs the job's pickler (it refers to persistent objects, which only
-        travel as references); nothing has been sent then.
+        Returns true once the target holds it, false when the state needs the
+        job's pickler (it refers to persistent objects, which only travel as
+        references); nothing has been sent then.
         """
         assert self.runtime is not None
         if not obj.__dict__["_dc_is_loaded"]:
@@ -798,9 +818,9 @@ class Backend:
                 obj, session.username, session.dataset, True
             )
         except (TypeError, pickle.PicklingError, AttributeError):
-            return None
+            return False
         self.runtime.send(target, payload, 0, buffers)
-        return [obj]
+        return True
 
     def _ship_in_chunks(
         self,

@@ -366,12 +366,15 @@ class Runtime:
         versions (the request goes to the original instead).
         """
         target = obj
+        by_id = serialization.plain_arguments(args)
         for _ in range(_MAX_MOVED_HOPS):
             meta = target._dc_meta
             backend_id = meta.master_backend_id
             if backend_id is None:
                 backend_id = meta.master_backend_id = self._locate(meta.id)
             try:
+                if by_id:
+                    return self._request_by_id(backend_id, op, target, args)
                 return self.request(
                     backend_id,
                     op,
@@ -389,6 +392,37 @@ class Runtime:
         raise ObjectDoesNotExistError(
             obj._dc_meta.id, f"it was still moving after {_MAX_MOVED_HOPS} hops"
         )
+
+    def _request_by_id(
+        self, backend_id: uuid.UUID, op: str, obj: DataClayObject, args: tuple
+    ) -> Any:
+        """Send a request about ``obj`` whose other arguments are plain values.
+
+        The object goes as its id, class and dataset, and the whole message
+        as one plain pickle: a third of the time of the job's pickler, on
+        both sides, for the requests most calls make (reads, writes of plain
+        values, active methods with plain arguments, moves).
+        """
+        session = current_session()
+        meta = obj.__dict__["_dc_meta"]
+        message = (
+            op,
+            session.username,
+            session.dataset,
+            self.inside_job,
+            args,
+            meta.id.int,
+            type(obj),
+            meta.dataset_name,
+        )
+        try:
+            payload = pickle.dumps(message, protocol=5)
+        except _PICKLE_ERRORS as exc:
+            raise DataClayException(
+                f"cannot send {op} request: a value cannot be pickled ({exc}); "
+                "persistent attributes and arguments must be picklable"
+            ) from exc
+        return self.send(backend_id, payload, 0, ())
 
     def _register_for(
         self, backend_id: uuid.UUID, session: Session | None = None

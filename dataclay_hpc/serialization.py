@@ -32,11 +32,21 @@ from .object import (
     set_object_reducer,
 )
 
-__all__ = ["ClassImportError", "Record", "dumps", "dumps_store", "loads"]
+__all__ = [
+    "ClassImportError",
+    "Record",
+    "dumps",
+    "dumps_store",
+    "loads",
+    "plain_arguments",
+]
 
 # value types that cannot hold a persistent object: they pickle without the
 # job's pickler
 PLAIN_TYPES = frozenset({type(None), bool, int, float, str, bytes})
+
+# the same, and UUIDs (backend and object ids): the plain pickler writes them
+PLAIN_VALUE_TYPES = PLAIN_TYPES | {uuid.UUID}
 
 Record = tuple[type, Any, Any]
 """One object shipped with a request: (class, metadata, state)."""
@@ -286,6 +296,36 @@ def dumps(
         pause.close()
         pickler.release()
         _per_thread.pickler = pickler
+
+
+# containers of plain values a request may carry and still pickle plainly,
+# and how long: checking the items of a longer one costs what it saves
+_SHALLOW = frozenset({tuple, list, dict})
+_PLAIN_ITEMS = 256
+
+
+def plain_arguments(args: tuple) -> bool:
+    """Say whether ``args`` hold only values no persistent object can hide in.
+
+    Values of ``PLAIN_VALUE_TYPES``, and tuples, lists and dicts of them
+    (one level deep, up to 256 items): such a request pickles without the
+    job's pickler.
+    """
+    plain = PLAIN_VALUE_TYPES
+    for value in args:
+        kind = type(value)
+        if kind in plain:
+            continue
+        if kind not in _SHALLOW or len(value) > _PLAIN_ITEMS:
+            return False
+        if kind is tuple or kind is list:
+            if not all(type(item) in plain for item in value):
+                return False
+        elif not all(
+            type(key) in plain and type(item) in plain for key, item in value.items()
+        ):
+            return False
+    return True
 
 
 def dumps_store(

@@ -63,6 +63,12 @@ class Person(DataClayObject):
         return f"{self.name} ({self.age})"
 
 
+class Label(str):
+    """A str that is not exactly a str: it carries an attribute of its own."""
+
+    owner: Any = None
+
+
 class Node(DataClayObject):
     value: int
     next: Node | None

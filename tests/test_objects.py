@@ -7,10 +7,11 @@ import json
 import os
 import uuid
 
+import numpy as np
 import pytest
-from models import Company, Custom, Node, Person
+from models import Company, Custom, Label, Node, Person
 
-from dataclay_hpc import Client, DataClayObject, StorageObject
+from dataclay_hpc import Client, DataClayObject, StorageObject, serialization
 from dataclay_hpc.exceptions import ObjectNotRegisteredError
 
 
@@ -230,6 +231,76 @@ def test_an_argument_that_comes_back_is_the_same_object(client):
     newcomer = Person("Sam", 2)
     assert person.echo(newcomer) is newcomer
     assert person.echo([newcomer, newcomer]) == [newcomer, newcomer]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        7,
+        2.5,
+        "text",
+        b"bytes",
+        None,
+        True,
+        uuid.UUID(int=12345),
+        (1, "a", None),
+        [1, 2.0, "b"],
+        {"k": 1, 2: b"v"},
+        [[1, 2], [3]],
+        {"k": [1, {"deep": 2}]},
+        (),
+        {},
+        list(range(1000)),
+    ],
+    ids=lambda value: repr(value)[:40],
+)
+def test_plain_arguments_arrive_as_sent(client, value):
+    person = Person("Ann", 30)
+    person.make_persistent()
+    back = person.echo(value)
+    assert back == value
+    assert type(back) is type(value)
+
+
+def test_arguments_that_hold_objects_arrive_as_the_objects(client, backend_ids):
+    person = Person("Ann", 30)
+    person.make_persistent(backend_id=backend_ids[0])
+    other = Person("Bob", 40)
+    other.make_persistent(backend_id=backend_ids[-1])
+    newcomer = Person("Cid", 50)
+    label = Label("tag")
+    label.owner = other
+    for value in ([other], (1, other), {"who": other}, {other.name: [newcomer]}):
+        assert person.echo(value) == value
+    assert newcomer._dc_is_registered and newcomer.name == "Cid"
+    back = person.echo(label)
+    assert type(back) is Label and back.owner is other
+    array = np.arange(5)
+    assert (person.echo(array) == array).all()
+
+
+def test_no_persistent_object_passes_for_a_plain_argument(client):
+    person = Person("Ann", 30)
+    person.make_persistent()
+    volatile = Person("Bob", 40)
+    label = Label("tag")
+    plain = serialization.plain_arguments
+    assert plain((1, "a", uuid.UUID(int=1), (1, 2), [3], {"k": "v"}, (), {}))
+    for args in (
+        (person,),
+        (volatile,),
+        ([person],),
+        ((1, volatile),),
+        ({"k": person},),
+        ({person: 1},),
+        ([[person]],),
+        ([[1]],),  # two levels deep: the job's pickler looks inside
+        (label,),
+        (np.arange(3),),
+        ({1, 2},),
+        (list(range(257)),),  # longer than it pays to look into
+    ):
+        assert not plain(args), args
 
 
 def test_two_clients_of_one_process_share_the_embedded_job(client):
