@@ -52,6 +52,7 @@ from .object import (
     DataClayObject,
     heap_add,
     heap_get_or_create,
+    heap_lookup,
     set_process_backend,
 )
 from .runtime import (
@@ -77,6 +78,8 @@ SHIP_CHUNK_RECORDS = 10_000
 # fields of a request that names its object by id (Runtime._request_by_id):
 # op, username, dataset, inside_job, args, object id, class, dataset of the object
 _BY_ID = 8
+# answers the plain pickler writes as they are
+_PLAIN_REPLY_TYPES = serialization.PLAIN_VALUE_TYPES | {serialization.Reference}
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
 # Objects a backend receives live as long as it holds them, yet the cyclic
@@ -427,7 +430,7 @@ class Backend:
         return ERROR, (exc, text, self.rank, self.host)
 
     def _dump_reply(self, op: str, reply: tuple[int, Any]):
-        if type(reply[1]) in serialization.PLAIN_VALUE_TYPES:  # no object in it
+        if type(reply[1]) in _PLAIN_REPLY_TYPES:  # no object in it
             return pickle.dumps(reply, protocol=5), 0, ()
         try:
             return serialization.dumps(reply, self.register_new, ship=False)
@@ -646,13 +649,18 @@ class Backend:
         self._check_dataset(dataset, f"alias {alias!r}", True)
         self._add_alias(dataset, alias, (object_id, cls, backend_id))
 
-    def _op_get_alias(self, records: list, dataset: str, alias: str) -> DataClayObject:
+    def _op_get_alias(
+        self, records: list, dataset: str, alias: str
+    ) -> serialization.Reference:
         self._check_dataset(dataset, f"alias {alias!r}", False)
         entry = self.aliases.get((dataset, alias))
         if entry is None:
             raise AliasDoesNotExistError(alias, dataset)
         object_id, cls, backend_id = entry
-        return heap_get_or_create(object_id, cls, backend_id, dataset)
+        known = heap_lookup(object_id)  # held here, or seen moving: fresher
+        if known is not None:
+            backend_id = known._dc_meta.master_backend_id or backend_id
+        return serialization.Reference(object_id, cls, backend_id, dataset)
 
     def _op_delete_alias(self, records: list, dataset: str, alias: str) -> None:
         self._check_dataset(dataset, f"alias {alias!r}", True)

@@ -35,6 +35,7 @@ from .object import (
 __all__ = [
     "ClassImportError",
     "Record",
+    "Reference",
     "dumps",
     "dumps_store",
     "loads",
@@ -81,6 +82,39 @@ def _reference(
 ):
     backend = None if backend_id is None else _uuid(backend_id)
     return heap_get_or_create(fast_uuid(object_id), cls, backend, dataset_name)
+
+
+class Reference:
+    """A persistent object as it travels, without a Python object for it here.
+
+    It pickles (with any pickler) as the reference the job's pickler writes
+    for the object itself, and unpickles as the receiving process's object for
+    that id. A backend answers with one instead of making a proxy of its own
+    just to send it.
+    """
+
+    __slots__ = ("backend_id", "cls", "dataset", "object_id")
+
+    def __init__(
+        self,
+        object_id: uuid.UUID,
+        cls: type,
+        backend_id: uuid.UUID | None,
+        dataset: str | None,
+    ) -> None:
+        self.object_id = object_id
+        self.cls = cls
+        self.backend_id = backend_id
+        self.dataset = dataset
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        backend = self.backend_id
+        return _reference, (
+            self.object_id.int,
+            self.cls,
+            None if backend is None else backend.int,
+            self.dataset,
+        )
 
 
 # backend ids recur in every reference: keep one UUID object per value

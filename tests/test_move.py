@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import uuid
 
@@ -136,6 +137,23 @@ def test_every_proxy_finds_a_moved_object(client, backend_ids):
         person.move(backend_id)
         assert holder.value_age() == 20 + moves  # followed inside a backend
         assert person.birthday() == 21 + moves
+
+
+def test_an_alias_finds_its_object_after_it_moved(client, backend_ids):
+    # aliases of several names land on different home backends
+    aliases = [f"wanderer-{uuid.uuid4().hex}" for _ in range(4 * len(backend_ids))]
+    for index, alias in enumerate(aliases):
+        person = Person(alias, index)
+        person.make_persistent(alias=alias, backend_id=backend_ids[0])
+        person.move(backend_ids[-1])
+        person.move(backend_ids[index % len(backend_ids)])
+    del person
+    gc.collect()  # this process keeps no object for them now
+    for index, alias in enumerate(aliases):
+        found = Person.get_by_alias(alias)
+        assert (found.name, found.age) == (alias, index)
+        assert found._dc_meta.master_backend_id == backend_ids[index % len(backend_ids)]
+        assert Person.get_by_alias(alias) is found
 
 
 def test_a_volatile_object_is_made_persistent_where_it_is_moved(client, backend_ids):
