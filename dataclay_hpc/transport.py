@@ -12,11 +12,13 @@ the job's secret; a peer without the secret is dropped unread.
 
 Waking a process blocked in ``recv`` costs more than the whole request on a
 virtual machine (the idle vCPU has to be woken first), so a caller that is the
-only thread of its process waiting for an answer polls the socket for a few
-tens of microseconds before it blocks, and so does a backend's connection
-thread waiting for the next request when nothing else runs in its process.
-Busy processes never spin, and an idle one spins once, for ``SPIN_S``, after
-its last message.
+only thread of its process waiting for an answer polls the socket before it
+blocks (up to ``SPIN_S``; ``SERVER_SPIN_S`` after an answer that took
+longer), and a backend's connection thread polls for the next request, for
+``SERVER_SPIN_S``, when nothing else runs in its process and that peer came
+back that fast the time before. A thread waiting for another backend while it
+serves a request blocks at once: the rank it waits for needs the CPU more.
+Busy processes never spin, and an idle one spins once after its last message.
 
 A message can also be *posted*: the server handles it and sends nothing back.
 A server handles one connection's messages in order, so the answer to the
@@ -64,9 +66,12 @@ def _env_number(name: str, default: float, whole: bool = False) -> float:
 CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = _env_number("DATACLAY_HPC_REQUEST_TIMEOUT_S", 3600.0)
-#: How long a waiting thread polls its socket before it blocks, in seconds
-#: (``DATACLAY_HPC_SPIN_US``, in microseconds; 0 turns polling off).
-SPIN_S = _env_number("DATACLAY_HPC_SPIN_US", 50.0) * 1e-6
+#: How long a caller polls its socket for the answer before it blocks, in
+#: seconds (``DATACLAY_HPC_SPIN_US``, in microseconds; 0 turns polling off).
+SPIN_S = _env_number("DATACLAY_HPC_SPIN_US", 1000.0) * 1e-6
+#: How long a backend's connection thread polls for the peer's next request,
+#: and a caller for an answer after one that took longer than ``SPIN_S``.
+SERVER_SPIN_S = min(SPIN_S, 50e-6)
 #: How many stores a connection sends ahead before it asks whether they were
 #: taken (``DATACLAY_HPC_STORES_AHEAD``; 0: every store waits for its answer).
 MAX_POSTED = int(_env_number("DATACLAY_HPC_STORES_AHEAD", 256, whole=True))
@@ -101,13 +106,18 @@ _answering: list[None] = []
 _polling = threading.Lock()
 
 
-def _poll_until_readable(poller: select.poll, spin_s: float) -> None:
-    """Poll without blocking until the socket is readable or ``spin_s`` is over."""
+def _poll_until_readable(poller: select.poll, spin_s: float) -> bool:
+    """Poll without blocking until the socket is readable or ``spin_s`` is over.
+
+    Returns whether it became readable.
+    """
     clock = time.perf_counter
     end = clock() + spin_s
     poll = poller.poll
-    while not poll(0) and clock() < end:
-        pass
+    while not poll(0):
+        if clock() >= end:
+            return False
+    return True
 
 
 def _tune(sock: socket.socket) -> None:
@@ -263,6 +273,9 @@ class Connection:
         self._rfile = rfile
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
+        # how long the next request polls for its answer: SPIN_S, or less
+        # after an answer that took longer (a long active method)
+        self._spin_s = SPIN_S
         # one owner thread, but another may ask for what it posted
         self._lock = threading.Lock()
         self._posted = 0
@@ -287,9 +300,16 @@ class Connection:
         _awaiting.append(None)
         try:
             self._send(payload, count, buffers, False)
-            if SPIN_S and len(_awaiting) == 1 and len(_answering) <= 1:
-                _poll_until_readable(self._poller, SPIN_S)
-            frame = self._receive()
+            # only a caller alone in its process: a backend serving a request
+            # waits for a rank that needs the CPU more than its poll does
+            if SPIN_S and len(_awaiting) == 1 and not _answering:
+                sent = time.perf_counter()
+                _poll_until_readable(self._poller, self._spin_s)
+                frame = self._receive()
+                waited = time.perf_counter() - sent
+                self._spin_s = SPIN_S if waited <= SPIN_S else SERVER_SPIN_S
+            else:
+                frame = self._receive()
         finally:
             _awaiting.pop()
         handled, self._posted = self._posted, 0
@@ -397,7 +417,8 @@ class RequestServer:
         local_address: Also listen on this abstract Unix socket name, for peers
             on the same host.
         spin_s: How long a connection thread polls for the next request
-            before it blocks, when nothing else runs in the process.
+            before it blocks, when nothing else runs in the process and the
+            peer's last request came within twice that time.
     """
 
     def __init__(
@@ -407,7 +428,7 @@ class RequestServer:
         host: str,
         name: str,
         local_address: str | None = None,
-        spin_s: float = SPIN_S,
+        spin_s: float = SERVER_SPIN_S,
     ) -> None:
         self._handler = handler
         self._spin_s = spin_s
@@ -482,14 +503,24 @@ class RequestServer:
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             spin_s = self._spin_s
+            clock = time.perf_counter
+            # whether the peer sends its next request soon after an answer (a
+            # loop of reads does; a move's source hears from the driver again
+            # only after the whole move): only then does a poll pay
+            soon = True
+            answered = 0.0
             while True:
-                if spin_s and not _answering and not _awaiting:
+                polled = False
+                if spin_s and soon and not _answering and not _awaiting:
                     if _polling.acquire(blocking=False):
                         try:
-                            _poll_until_readable(poller, spin_s)
+                            soon = _poll_until_readable(poller, spin_s)
+                            polled = True
                         finally:
                             _polling.release()
                 received = _recv_frame(rfile)
+                if not polled:
+                    soon = clock() - answered < 2 * spin_s
                 if received is None:
                     return
                 (payload, count, buffers), posted = received
@@ -501,6 +532,7 @@ class RequestServer:
                 if not posted:
                     assert answer is not None
                     _send_frame(sock, *answer)
+                answered = clock()
         except (OSError, EOFError) as exc:
             if not self._closed:
                 logger.debug("%s: connection from %s ended: %s", self._name, peer, exc)

@@ -16,7 +16,7 @@ import pytest
 from conftest import DATACLAY_HPC, MPIEXEC, run
 from models import Person
 
-from dataclay_hpc import Client
+from dataclay_hpc import Client, transport
 from dataclay_hpc.exceptions import BackendUnavailableError
 from dataclay_hpc.transport import Connection
 
@@ -333,6 +333,30 @@ def test_backends_go_quiet_right_after_a_burst_of_requests(client, backend_ids):
     for start, end in zip(before, after, strict=True):
         assert (end - start) / 2.0 < 0.05
     assert (driver_after - driver_before) / 2.0 < 0.05
+
+
+def test_a_caller_stops_polling_through_long_active_methods(client):
+    # a caller polls up to DATACLAY_HPC_SPIN_US (1 ms) for its answer; once an
+    # answer took longer, it polls only briefly until answers are quick again
+    person = Person("sleeper", 1)
+    person.make_persistent()
+    calls = 20
+    person.nap(0.02)  # the one answer polled for in full
+    spent = time.thread_time()
+    for _ in range(calls):
+        person.nap(0.02)
+    polled_ms = (time.thread_time() - spent) * 1e3
+    # polling 1 ms for each answer would take at least 20 ms of this thread
+    assert polled_ms < calls * 0.5, polled_ms
+    connection = client.runtime._connection(person._dc_meta.master_backend_id)
+    assert connection._spin_s == transport.SERVER_SPIN_S
+    # the first answer within 1 ms restores full polls (a busy machine may
+    # make a few slower)
+    for _ in range(200):
+        assert person.age == 1
+        if connection._spin_s == transport.SPIN_S:
+            break
+    assert connection._spin_s == transport.SPIN_S
 
 
 @pytest.mark.parametrize("spin_us", ["0", "500"])
