@@ -4,8 +4,6 @@ Like ``ops.py``, the model module named on the command line (``model_dataclay``
 or ``model_hpc``) supplies ``Client``, ``Employee`` and ``Node``, and both
 libraries run exactly the same calls:
 
-- ``move_one``: ``employee.move(other_backend)`` of a small object, alternating
-  between the first two backends (time per move);
 - ``versioning``: ``v = employee.new_version(); v.salary = x;
   v.consolidate_version()`` as one operation (time per operation), the
   version placed by the library; ``versioning_same_backend`` the same with
@@ -165,42 +163,6 @@ class Watchdog:
             with self._lock:
                 finished.set()
             timer.cancel()
-
-
-def bench_move_one(
-    model: ModuleType, backend_a: object, backend_b: object, plan: Plan
-) -> dict[str, Any]:
-    """Time ``employee.move(...)``, alternating between two backends.
-
-    Args:
-        model: the model module of the library under test.
-        backend_a: backend the object starts on.
-        backend_b: the other backend.
-        plan: the counts to use.
-
-    Returns:
-        As :func:`ops.time_per_op`, plus ``status``.
-
-    Raises:
-        AssertionError: the object is not where the last move sent it.
-    """
-    employee = model.Employee("mover", 1.0)
-    employee.make_persistent(backend_id=backend_a)
-    targets = itertools.cycle((backend_b, backend_a))
-    last: list[object] = [backend_a]
-
-    def move_once() -> None:
-        target = next(targets)
-        employee.move(target)
-        last[0] = target
-
-    entry = time_per_op(move_once, plan)
-    if employee.name != "mover":
-        raise AssertionError(f"moved object reads name={employee.name!r}")
-    where = employee._dc_meta.master_backend_id
-    if str(where) != str(last[0]):
-        raise AssertionError(f"object is on {where} after moving it to {last[0]}")
-    return {"status": "ok", **entry}
 
 
 def bench_versioning(
@@ -408,7 +370,6 @@ def run_workload(
         report.save()
 
         for key, bench in (
-            ("move_one", lambda: bench_move_one(model, backend_a, backend_b, plan)),
             ("versioning", lambda: bench_versioning(model, backend_a, plan)),
             (
                 "versioning_same_backend",

@@ -12,6 +12,7 @@ environment for each library.
 import argparse
 import importlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import platform
@@ -161,6 +162,42 @@ def bench_small_ops(
     )
     results["get_by_alias"]["same_object"] = found is employee
     return results
+
+
+def bench_move_one(
+    model: ModuleType, backend_a: object, backend_b: object, plan: Plan
+) -> dict[str, Any]:
+    """Time ``employee.move(...)``, alternating between two backends.
+
+    Args:
+        model: the model module of the library under test.
+        backend_a: backend the object starts on.
+        backend_b: the other backend.
+        plan: the counts to use.
+
+    Returns:
+        As :func:`time_per_op`.
+
+    Raises:
+        AssertionError: the object is not where the last move sent it.
+    """
+    employee = model.Employee("mover", 1.0)
+    employee.make_persistent(backend_id=backend_a)
+    targets = itertools.cycle((backend_b, backend_a))
+    last: list[object] = [backend_a]
+
+    def move_once() -> None:
+        target = next(targets)
+        employee.move(target)
+        last[0] = target
+
+    entry = time_per_op(move_once, plan)
+    if employee.name != "mover":
+        raise AssertionError(f"moved object reads name={employee.name!r}")
+    where = employee._dc_meta.master_backend_id
+    if str(where) != str(last[0]):
+        raise AssertionError(f"object is on {where} after moving it to {last[0]}")
+    return entry
 
 
 def _time_make_persistent(
@@ -329,6 +366,10 @@ def run_workload(
         logger.info("benchmarking against backend %s", backend_id)
 
         results = bench_small_ops(model, backend_id, plan)
+        if len(backend_ids) > 1:
+            results["move_one"] = bench_move_one(
+                model, backend_ids[0], backend_ids[1], plan
+            )
         results.update(bench_threads(model, backend_id, plan))
         results["array_roundtrip"] = bench_array(model, backend_id, plan)
     finally:
