@@ -184,7 +184,7 @@ class Runtime:
         """Pickle a request; on failure the objects it registered are volatile again."""
         message = (op, session.username, session.dataset, self.inside_job, args)
         try:
-            if all(type(arg) in serialization.PLAIN_TYPES for arg in args):
+            if serialization.plain_arguments(args):
                 # nothing persistent can hide in it: skip the job's pickler
                 return pickle.dumps(message, protocol=5), 0, []
             return serialization.dumps(
@@ -195,10 +195,7 @@ class Runtime:
             raise
         except _PICKLE_ERRORS as exc:
             unregister(registered)
-            raise DataClayException(
-                f"cannot send {op} request: a value cannot be pickled ({exc}); "
-                "persistent attributes and arguments must be picklable"
-            ) from exc
+            raise _unpicklable(op, exc) from exc
         except BaseException:
             unregister(registered)
             raise
@@ -418,10 +415,7 @@ class Runtime:
         try:
             payload = pickle.dumps(message, protocol=5)
         except _PICKLE_ERRORS as exc:
-            raise DataClayException(
-                f"cannot send {op} request: a value cannot be pickled ({exc}); "
-                "persistent attributes and arguments must be picklable"
-            ) from exc
+            raise _unpicklable(op, exc) from exc
         return self.send(backend_id, payload, 0, ())
 
     def _register_for(
@@ -678,6 +672,13 @@ def unregister(objects: list[DataClayObject]) -> None:
         state = obj.__dict__
         state["_dc_is_registered"] = False
         state["_dc_meta"].master_backend_id = None
+
+
+def _unpicklable(op: str, exc: BaseException) -> DataClayException:
+    return DataClayException(
+        f"cannot send {op} request: a value cannot be pickled ({exc}); "
+        "persistent attributes and arguments must be picklable"
+    )
 
 
 def _became_remote(objects: list[DataClayObject]) -> None:
