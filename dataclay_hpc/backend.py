@@ -66,7 +66,7 @@ from .runtime import (
     unregister,
 )
 from .store import Store
-from .transport import REQUEST_TIMEOUT_S, RequestServer
+from .transport import REQUEST_TIMEOUT_S, Connection, RequestServer
 
 __all__ = ["Backend"]
 
@@ -82,6 +82,9 @@ _BY_ID = 8
 _PLAIN_REPLY_TYPES = serialization.PLAIN_VALUE_TYPES | {serialization.Reference}
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
+# how long a request that misses an object waits for stores already on their
+# way here (a move answered before its target confirmed, ``_ship_early``)
+ARRIVAL_WAIT_S = 10.0
 # Objects a backend receives live as long as it holds them, yet the cyclic
 # garbage collector would scan each of them again and again as the heap grows
 # (a quarter of the time a backend took to take in 100 000 moved objects).
@@ -163,6 +166,11 @@ class Backend:
         self.objects: dict[uuid.UUID, DataClayObject] = {}
         self.aliases: dict[tuple[str, str], tuple[uuid.UUID, type, uuid.UUID]] = {}
         self.moved: dict[uuid.UUID, uuid.UUID] = {}
+        # backend -> classes of objects it has taken from here as plain stores
+        self._stored_at: dict[uuid.UUID, set[type]] = {}
+        # objects sent ahead (``_ship_early``) -> the connection whose answer
+        # says whether their target took them
+        self._unconfirmed: dict[uuid.UUID, Connection] = {}
         # consolidated versions: id -> the original, which requests go to
         self.consolidated: dict[uuid.UUID, DataClayObject] = {}
         self.discarded: set[uuid.UUID] = set()
@@ -282,6 +290,12 @@ class Backend:
         if state["_dc_is_local"] and state["_dc_is_registered"]:
             return obj
         object_id = state["_dc_meta"].id
+        self._wait_for_arrivals()
+        connection = self._unconfirmed.get(object_id)
+        if connection is not None:  # sent ahead from here: did it arrive?
+            connection.finish_ahead()
+        if state["_dc_is_local"] and state["_dc_is_registered"]:
+            return obj  # it was on its way here, or is back
         if object_id in self.moved:
             raise Moved(self.moved[object_id])
         if object_id in self.consolidated:
@@ -293,6 +307,21 @@ class Backend:
         raise ObjectDoesNotExistError(
             object_id, f"backend rank {self.rank} does not hold it"
         )
+
+    def _wait_for_arrivals(self) -> None:
+        """Wait for the stores that had reached this backend before the call.
+
+        A move may be answered as soon as its source has sent the object
+        (``_ship_early``): a request that comes after the answer and misses
+        the object waits here for it instead of answering "not here".
+        """
+        if not self.server.wait_for_arrivals(ARRIVAL_WAIT_S):
+            logger.warning(
+                "backend rank %d: stores sent here were not taken within %.0f s; "
+                "answering without them",
+                self.rank,
+                ARRIVAL_WAIT_S,
+            )
 
     def _materialize(self, records: list[serialization.Record]) -> None:
         if not records:
@@ -568,10 +597,25 @@ class Backend:
             raise
 
     def _op_store(
-        self, records: list, cls: type, meta: ObjectMetadata, state: dict[str, Any]
+        self,
+        records: list,
+        cls: type,
+        meta: ObjectMetadata,
+        state: dict[str, Any],
+        source: int | None = None,
     ) -> None:
-        """Take one new object sent as a plain state (no other object in it)."""
-        self._materialize([(cls, meta, state)])
+        """Take one new object sent as a plain state (no other object in it).
+
+        ``source``: the backend that sent it without waiting for this answer
+        (``_ship_early``); if this fails, it keeps the object, and callers
+        that come here for it are sent back there.
+        """
+        try:
+            self._materialize([(cls, meta, state)])
+        except BaseException:
+            if source is not None:
+                self.moved[meta.id] = fast_uuid(source)
+            raise
 
     def _op_receive_objects(self, records: list, roots: list) -> None:
         self._materialize(records)
@@ -630,9 +674,14 @@ class Backend:
         if object_id in self.consolidated:
             return self.consolidated[object_id]
         obj = self.objects.get(object_id)
+        if obj is None:
+            self._wait_for_arrivals()
+            obj = self.objects.get(object_id)
         return None if obj is None else self._reach(obj, False)
 
     def _op_locate(self, records: list, object_id: uuid.UUID) -> uuid.UUID | None:
+        if object_id not in self.objects:
+            self._wait_for_arrivals()
         if object_id in self.objects:
             return self.backend_id
         return self.moved.get(object_id)
@@ -686,16 +735,19 @@ class Backend:
         target: uuid.UUID,
         recursive: bool,
         remotes: bool,
-    ) -> uuid.UUID:
+    ) -> None:
+        """Move ``obj`` to ``target``; the caller knows where it went."""
         obj = self._reach(obj, True)
         root = obj._dc_meta.id
         if not recursive:
             if target != self.backend_id:
-                if self._ship_plain(obj, target):
+                if self._ship_early(obj, target):
+                    pass
+                elif self._ship_plain(obj, target):
                     self._moved_away([obj], target)
                 else:
                     self._ship_closure([root], target, set(), follow_references=False)
-            return target
+            return
         assert self.runtime is not None
         # breadth first over backends; each round ships what one backend holds
         visited: set[uuid.UUID] = set()
@@ -725,7 +777,6 @@ class Backend:
                 break
             frontier = {b: list(dict.fromkeys(ids)) for b, ids in found.items()}
         logger.debug("moved %d objects to backend %s", len(visited), target)
-        return target
 
     def _op_move_closure(
         self,
@@ -761,6 +812,8 @@ class Backend:
         assert self.runtime is not None
         outside: list[tuple[uuid.UUID, uuid.UUID | None]] = []
         roots = []
+        if any(object_id not in self.objects for object_id in ids):
+            self._wait_for_arrivals()
         for object_id in ids:
             obj = self.objects.get(object_id)
             if obj is not None:
@@ -828,6 +881,84 @@ class Backend:
         except (TypeError, pickle.PicklingError, AttributeError):
             return False
         self.runtime.send(target, payload, 0, buffers)
+        self._stored_at.setdefault(target, set()).add(type(obj))
+        return True
+
+    def _ship_early(self, obj: DataClayObject, target: uuid.UUID) -> bool:
+        """Send one plain object to ``target``; the move's answer need not wait.
+
+        Only where nothing can stop the target from taking it (it has taken
+        objects of this class from here before, as plain stores, and every
+        value of the state is a plain one: no other class to import, no
+        ``__setstate__`` to run) and where its socket holds the state before
+        the answer leaves (a Unix socket: the kernel queues a message at the
+        receiver before ``send`` returns).
+        Every request that comes after the answer, from any process, then
+        finds the object there: a backend that misses an object first waits
+        for the stores that had reached it (``_wait_for_arrivals``).
+
+        The object is a proxy here at once. The target's answer is read
+        before the next message on the same connection, or by a request here
+        that misses the object; if the store failed there, the object takes
+        its state back (unless it has come back meanwhile) and the target
+        sends callers back here.
+
+        Returns whether it was sent; if not, nothing has changed.
+        """
+        assert self.runtime is not None
+        cls = type(obj)
+        state = obj.__dict__
+        if (
+            cls not in self._stored_at.get(target, ())
+            or cls._dc_setstate is not None
+            or not state["_dc_is_loaded"]
+        ):
+            return False
+        kept = obj._dc_get_state()
+        if type(kept) is not dict or not serialization.plain_arguments(
+            tuple(kept.values())
+        ):
+            return False
+        connection = self.runtime._connection(target)
+        if not connection.local:
+            return False
+        session = current_session()
+        try:
+            payload, buffers = serialization.dumps_store(
+                obj, session.username, session.dataset, True, self.backend_id.int, kept
+            )
+        except (TypeError, pickle.PicklingError, AttributeError):
+            return False
+        meta = state["_dc_meta"]
+        object_id = meta.id
+
+        def confirmed(answer: Any) -> None:
+            if self._unconfirmed.get(object_id) is connection:
+                del self._unconfirmed[object_id]
+            if isinstance(answer, BaseException):
+                status, value = ERROR, (answer,)
+            else:
+                (status, value), _ = serialization.loads(*answer)
+            if status == OK:
+                return
+            if object_id not in self.objects and self.moved.get(object_id) == target:
+                obj._dc_set_state(kept)
+                state.update(_dc_is_local=True, _dc_is_loaded=True)
+                meta.master_backend_id = self.backend_id
+                self.objects[object_id] = obj
+                self.moved.pop(object_id, None)
+            logger.error(
+                "backend rank %d: object %s could not be moved to backend %s, it "
+                "stays here: %s",
+                self.rank,
+                object_id,
+                target,
+                value[0],
+            )
+
+        connection.send_ahead(payload, 0, buffers, confirmed, arrival=True)
+        self._unconfirmed[object_id] = connection
+        self._moved_away([obj], target)
         return True
 
     def _ship_in_chunks(
@@ -1059,6 +1190,7 @@ class Backend:
         logger.debug("version %s discarded", object_id)
 
     def _op_flush(self, records: list) -> int:
+        self._wait_for_arrivals()
         self._gate.enter_alone(FLUSH_WAIT_S)
         started = time.monotonic()
         try:

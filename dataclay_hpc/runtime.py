@@ -620,8 +620,8 @@ class Runtime:
     ) -> None:
         """Move a persistent object to another backend."""
         target = self.backend_id(backend_id)
-        new_master = self.object_request(obj, "move", target, recursive, remotes)
-        obj._dc_meta.master_backend_id = new_master
+        self.object_request(obj, "move", target, recursive, remotes)
+        obj._dc_meta.master_backend_id = target
 
     def new_version(
         self, obj: DataClayObject, backend_id: uuid.UUID | str | None

@@ -363,12 +363,20 @@ def plain_arguments(args: tuple) -> bool:
 
 
 def dumps_store(
-    obj: DataClayObject, username: str, dataset: str, inside_job: bool
+    obj: DataClayObject,
+    username: str,
+    dataset: str,
+    inside_job: bool,
+    source: int | None = None,
+    state: Any = None,
 ) -> tuple[bytes, list[Any]]:
     """Pickle a ``store`` request of ``obj``: its record with the plain pickler.
 
     For an object whose state holds no other object; the backend's ``store``
-    takes it without the records machinery.
+    takes it without the records machinery. ``source``: the id (as an
+    integer) of the backend sending it without waiting for the answer (the
+    receiver sends callers back there if the store fails). ``state``: the
+    object's state, if the caller has it already.
 
     Returns:
         ``(payload, out-of-band buffers)``; the message has no records.
@@ -379,7 +387,11 @@ def dumps_store(
             ``pickle.PicklingError`` and ``AttributeError`` for the latter too.
     """
     buffers: list[Any] = []
-    record = (type(obj), obj.__dict__["_dc_meta"], obj._dc_get_state())
+    if state is None:
+        state = obj._dc_get_state()
+    record: tuple = (type(obj), obj.__dict__["_dc_meta"], state)
+    if source is not None:
+        record += (source,)
     message = ("store", username, dataset, inside_job, record)
     return pickle.dumps(message, protocol=5, buffer_callback=buffers.append), buffers
 

@@ -24,10 +24,21 @@ A message can also be *posted*: the server handles it and sends nothing back.
 A server handles one connection's messages in order, so the answer to the
 next request on that connection says every message posted before it has been
 handled.
+
+A message can be marked as an *arrival* (it brings an object to the server)
+and its sender may act as if it had been handled before the answer comes:
+``RequestServer.wait_for_arrivals`` waits until every arrival that reached
+the server's sockets before the call has been handled, so a request that
+misses an object can tell "not here" from "not here yet". Between ranks of
+one host the kernel queues a message at the receiver before ``send``
+returns, so whatever happens after the send, anywhere in the job, comes
+later than those bytes.
 """
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -35,6 +46,7 @@ import os
 import select
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -75,13 +87,18 @@ SERVER_SPIN_S = min(SPIN_S, 50e-6)
 #: How many stores a connection sends ahead before it asks whether they were
 #: taken (``DATACLAY_HPC_STORES_AHEAD``; 0: every store waits for its answer).
 MAX_POSTED = int(_env_number("DATACLAY_HPC_STORES_AHEAD", 256, whole=True))
+#: How many requests a connection sends ahead (``Connection.send_ahead``)
+#: before it reads their answers.
+MAX_AHEAD = 64
 
 _NONCE_BYTES = 32
 _ACCEPTED = b"OK"
 # payload length, application count, number of out-of-band buffers (its top
-# bit set: posted, the sender wants no answer)
+# bit set: posted, the sender wants no answer; the next one: an arrival)
 _HEAD = struct.Struct("!QII")
 _POSTED = 1 << 31
+_ARRIVAL = 1 << 30
+_FLAGS = _POSTED | _ARRIVAL
 # how often a thread waiting to cover another thread's posts looks again
 _SETTLE_RECHECK_S = 0.001
 _LEN = struct.Struct("!Q")
@@ -89,6 +106,10 @@ _LEN = struct.Struct("!Q")
 _UNIX_BUFFER_BYTES = 4 << 20
 # below this a message is joined into one bytes object and sent with sendall
 _SMALL_MESSAGE_BYTES = 1 << 16
+# what a server's connection thread asks the kernel for at once
+_READ_BYTES = 1 << 16
+# how often a wait for arrivals looks again when no message was handled
+_ARRIVAL_RECHECK_S = 0.001
 
 Frame = tuple[bytes, int, list[Any]]
 # (payload, count, buffers, answer wanted) -> the answer, ignored when posted
@@ -104,6 +125,8 @@ _answering: list[None] = []
 # held by the one connection thread of this process that polls for its next
 # request: two polling threads would only take the interpreter from each other
 _polling = threading.Lock()
+# in a server's connection thread: its connection
+_serving = threading.local()
 
 
 def _poll_until_readable(poller: select.poll, spin_s: float) -> bool:
@@ -136,10 +159,10 @@ def _digest(secret: bytes, nonce: bytes) -> bytes:
 
 
 def _send_frame(
-    sock: socket.socket, payload: bytes, count: int, buffers, posted: bool = False
+    sock: socket.socket, payload: bytes, count: int, buffers, flags: int = 0
 ) -> None:
     views = [memoryview(b).cast("B") for b in buffers]
-    head = _HEAD.pack(len(payload), count, len(views) | (_POSTED if posted else 0))
+    head = _HEAD.pack(len(payload), count, len(views) | flags)
     if views:
         head += b"".join(_LEN.pack(v.nbytes) for v in views)
     total = len(head) + len(payload) + sum(v.nbytes for v in views)
@@ -183,8 +206,8 @@ def _read_buffer(rfile, size: int):
     return buffer
 
 
-def _recv_frame(rfile) -> tuple[Frame, bool] | None:
-    """Read one message: its frame, and whether it was posted (no answer)."""
+def _recv_frame(rfile) -> tuple[Frame, int] | None:
+    """Read one message: its frame, and its flags (``_POSTED``, ``_ARRIVAL``)."""
     head = rfile.read(_HEAD.size)
     if head is None:  # the kernel's receive timeout expired
         raise TimeoutError("no answer within the request timeout")
@@ -193,14 +216,14 @@ def _recv_frame(rfile) -> tuple[Frame, bool] | None:
     if len(head) != _HEAD.size:
         raise EOFError("connection closed inside a message header")
     size, count, nbuffers = _HEAD.unpack(head)
-    posted = bool(nbuffers & _POSTED)
-    nbuffers &= ~_POSTED
+    flags = nbuffers & _FLAGS
+    nbuffers &= ~_FLAGS
     sizes = []
     if nbuffers:
         raw = _read_exact(rfile, _LEN.size * nbuffers)
         sizes = [_LEN.unpack_from(raw, i * _LEN.size)[0] for i in range(nbuffers)]
     payload = _read_exact(rfile, size)
-    return (payload, count, [_read_buffer(rfile, n) for n in sizes]), posted
+    return (payload, count, [_read_buffer(rfile, n) for n in sizes]), flags
 
 
 def _connect(address: tuple[str, int], local_address: str | None) -> socket.socket:
@@ -279,6 +302,10 @@ class Connection:
         # one owner thread, but another may ask for what it posted
         self._lock = threading.Lock()
         self._posted = 0
+        # what takes the answers to the requests sent ahead, in order
+        self._ahead: collections.deque[
+            Callable[[Frame | BackendUnavailableError], None]
+        ] = collections.deque()
         #: Called with the number of posted messages an answer has covered, or
         #: that were lost with the connection.
         self.on_posted_handled: Callable[[int], None] | None = None
@@ -296,10 +323,57 @@ class Connection:
         with self._lock:
             return self._request(payload, count, buffers)
 
+    def send_ahead(
+        self,
+        payload: bytes,
+        count: int,
+        buffers: Sequence[Any],
+        on_answer: Callable[[Frame | BackendUnavailableError], None],
+        arrival: bool = False,
+    ) -> None:
+        """Send one request and go on; its answer is read later.
+
+        The answer (or the error that says the connection failed) goes to
+        ``on_answer`` before the next request that waits for its answer on
+        this connection, at ``finish_ahead``, or once ``MAX_AHEAD`` requests
+        are ahead, in the thread that does it. ``arrival`` marks a message
+        that brings an object to the server (see
+        ``RequestServer.wait_for_arrivals``).
+
+        Raises:
+            BackendUnavailableError: The server went away; nothing was sent.
+        """
+        with self._lock:
+            if len(self._ahead) >= MAX_AHEAD:
+                self._finish_ahead()
+            self._send(payload, count, buffers, _ARRIVAL if arrival else 0)
+            self._ahead.append(on_answer)
+
+    def finish_ahead(self) -> None:
+        """Read the answers to the requests sent ahead that were not read yet."""
+        if not self._ahead:  # read already: no need to wait for the owner
+            return
+        with self._lock:
+            self._finish_ahead()
+
+    def _finish_ahead(self) -> None:
+        ahead = self._ahead
+        while ahead:
+            on_answer = ahead.popleft()
+            try:
+                frame = self._receive()
+            except BackendUnavailableError as exc:
+                on_answer(exc)  # and every other one: the connection is gone
+                continue
+            self._cover_posted()
+            on_answer(frame)
+
     def _request(self, payload: bytes, count: int, buffers: Sequence[Any]) -> Frame:
+        if self._ahead:
+            self._finish_ahead()
         _awaiting.append(None)
         try:
-            self._send(payload, count, buffers, False)
+            self._send(payload, count, buffers, 0)
             # only a caller alone in its process: a backend serving a request
             # waits for a rank that needs the CPU more than its poll does
             if SPIN_S and len(_awaiting) == 1 and not _answering:
@@ -312,10 +386,14 @@ class Connection:
                 frame = self._receive()
         finally:
             _awaiting.pop()
+        self._cover_posted()
+        return frame
+
+    def _cover_posted(self) -> None:
+        # an answer comes after everything posted before its request
         handled, self._posted = self._posted, 0
         if handled and self.on_posted_handled is not None:
             self.on_posted_handled(handled)
-        return frame
 
     def settle(
         self, payload: bytes, count: int, buffers: Sequence[Any]
@@ -346,7 +424,9 @@ class Connection:
             BackendUnavailableError: The server went away.
         """
         with self._lock:
-            self._send(payload, count, buffers, True)
+            if self._ahead:  # their answers must not be taken as covering this
+                self._finish_ahead()
+            self._send(payload, count, buffers, _POSTED)
             self._posted += 1
 
     @property
@@ -354,11 +434,16 @@ class Connection:
         """How many posted messages no answer has covered yet."""
         return self._posted
 
+    @property
+    def local(self) -> bool:
+        """Whether the server is on this host (a Unix socket)."""
+        return self._sock.family == socket.AF_UNIX
+
     def _send(
-        self, payload: bytes, count: int, buffers: Sequence[Any], posted: bool
+        self, payload: bytes, count: int, buffers: Sequence[Any], flags: int
     ) -> None:
         try:
-            _send_frame(self._sock, payload, count, buffers, posted)
+            _send_frame(self._sock, payload, count, buffers, flags)
         except (OSError, EOFError) as exc:
             raise self._unavailable(f"cannot take a request: {exc}") from exc
 
@@ -405,6 +490,110 @@ class Connection:
             self._sock.close()
 
 
+def _queued_bytes(sock: socket.socket) -> int:
+    """Return how many received bytes the kernel holds for ``sock``."""
+    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", raw)[0]
+
+
+class _Inbound:
+    """The receiving end of one connection a server answers.
+
+    It reads through a buffer of its own, so that another thread can tell
+    how much of what reached the socket has been dealt with: ``received``
+    counts the bytes taken from the kernel, ``handled`` those of the messages
+    dealt with (arrivals once handled, other messages once read), and
+    ``reading`` is set while bytes leave the kernel before ``received`` says
+    so. Only the connection's thread reads.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+        self._buffer = bytearray(_READ_BYTES)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self.reading = False
+        self.received = 0
+        self.handled = 0
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the kernel and not yet taken as part of a message."""
+        return self._end - self._start
+
+    def arrived(self) -> int | None:
+        """Bytes received so far, in the kernel included.
+
+        ``None`` while bytes are leaving the kernel: ask again.
+        """
+        if self.reading:
+            return None
+        received = self.received
+        try:
+            queued = _queued_bytes(self.sock)
+        except OSError:  # closed
+            return received
+        if self.reading or self.received != received:
+            return None
+        return received + queued
+
+    def _recv_into(self, view: memoryview) -> int:
+        self.reading = True
+        try:
+            got = self.sock.recv_into(view)
+            self.received += got
+        finally:
+            self.reading = False
+        return got
+
+    def read(self, size: int) -> bytes | bytearray:
+        """Return the next ``size`` bytes; fewer only where the stream ends."""
+        start, end = self._start, self._end
+        if end - start >= size:
+            self._start = start + size
+            return bytes(self._view[start : start + size])
+        if size > len(self._buffer):
+            data = bytearray(size)
+            have = end - start
+            data[:have] = self._view[start:end]
+            self._start = self._end = 0
+            view = memoryview(data)
+            while have < size:
+                got = self._recv_into(view[have:])
+                if not got:
+                    return bytes(data[:have])
+                have += got
+            return data
+        if start:
+            self._buffer[: end - start] = self._buffer[start:end]
+            start, end = 0, end - start
+        try:
+            while end - start < size:
+                got = self._recv_into(self._view[end:])
+                if not got:
+                    break
+                end += got
+        finally:
+            self._start, self._end = start, end
+        taken = min(size, end - start)
+        self._start = start + taken
+        return bytes(self._view[start : start + taken])
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill the start of ``view``; return how many bytes (0: the end)."""
+        start, end = self._start, self._end
+        if start == end:
+            return self._recv_into(view)
+        taken = min(end - start, len(view))
+        view[:taken] = self._view[start : start + taken]
+        self._start = start + taken
+        return taken
+
+
 class RequestServer:
     """Accepts authenticated connections and answers each message with ``handler``.
 
@@ -443,7 +632,11 @@ class RequestServer:
             unix.listen()
             self._listeners.append(unix)
         self._connections: set[socket.socket] = set()
+        self._inbounds: set[_Inbound] = set()
         self._lock = threading.Lock()
+        # notified when a message is dealt with while someone waits for arrivals
+        self._arrivals = threading.Condition(threading.Lock())
+        self._arrival_waiters = 0
         self._closed = False
         self._threads = [
             threading.Thread(
@@ -492,16 +685,18 @@ class RequestServer:
         return True
 
     def _serve(self, sock: socket.socket, peer) -> None:
-        rfile = sock.makefile("rb")
+        inbound = _Inbound(sock)
         try:
             _tune(sock)
-            if not self._authenticate(sock, rfile):
+            if not self._authenticate(sock, inbound):
                 logger.warning(
                     "%s refused a peer without the job secret: %s", self._name, peer
                 )
                 return
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
+            with self._lock:
+                self._inbounds.add(inbound)
+            _serving.inbound = inbound
+            poller = inbound.poller
             spin_s = self._spin_s
             clock = time.perf_counter
             # whether the peer sends its next request soon after an answer (a
@@ -510,26 +705,41 @@ class RequestServer:
             soon = True
             answered = 0.0
             while True:
-                polled = False
-                if spin_s and soon and not _answering and not _awaiting:
-                    if _polling.acquire(blocking=False):
-                        try:
-                            soon = _poll_until_readable(poller, spin_s)
-                            polled = True
-                        finally:
-                            _polling.release()
-                received = _recv_frame(rfile)
-                if not polled:
-                    soon = clock() - answered < 2 * spin_s
+                if not inbound.buffered:
+                    polled = ready = False
+                    if spin_s and soon and not _answering and not _awaiting:
+                        if _polling.acquire(blocking=False):
+                            try:
+                                ready = soon = _poll_until_readable(poller, spin_s)
+                                polled = True
+                            finally:
+                                _polling.release()
+                    if not ready:
+                        # block here, not in recv: bytes leave the kernel only
+                        # once this thread can say so (``_Inbound.reading``)
+                        poller.poll()
+                    if not polled:
+                        soon = clock() - answered < 2 * spin_s
+                received = _recv_frame(inbound)
                 if received is None:
                     return
-                (payload, count, buffers), posted = received
+                (payload, count, buffers), flags = received
+                end = inbound.received - inbound.buffered
+                if not flags & _ARRIVAL:
+                    self._dealt_with(inbound, end)
+                else:
+                    # its sender woke this thread, on its own CPU when no other
+                    # was idle, and has its answer to send next (a move's
+                    # source answers the driver): let it go first
+                    os.sched_yield()
                 _answering.append(None)
                 try:
-                    answer = self._handler(payload, count, buffers, not posted)
+                    answer = self._handler(payload, count, buffers, not flags & _POSTED)
                 finally:
                     _answering.pop()
-                if not posted:
+                if flags & _ARRIVAL:
+                    self._dealt_with(inbound, end)
+                if not flags & _POSTED:
                     assert answer is not None
                     _send_frame(sock, *answer)
                 answered = clock()
@@ -537,10 +747,57 @@ class RequestServer:
             if not self._closed:
                 logger.debug("%s: connection from %s ended: %s", self._name, peer, exc)
         finally:
+            inbound.closed = True
             with self._lock:
                 self._connections.discard(sock)
-            rfile.close()
+                self._inbounds.discard(inbound)
+            self._dealt_with(inbound, inbound.handled)
             sock.close()
+
+    def _dealt_with(self, inbound: _Inbound, end: int) -> None:
+        inbound.handled = end
+        if self._arrival_waiters:
+            with self._arrivals:
+                self._arrivals.notify_all()
+
+    def wait_for_arrivals(self, timeout_s: float) -> bool:
+        """Wait until the arrivals that reached this server so far are handled.
+
+        Every message marked as an arrival whose bytes had reached one of
+        this server's sockets when the call began (other than the caller's
+        own connection) has been handled when this returns true; false when
+        ``timeout_s`` ran out first. Cheap when none is pending: one look at
+        each connection's kernel queue.
+        """
+        own = getattr(_serving, "inbound", None)
+        with self._lock:
+            pending = [c for c in self._inbounds if c is not own]
+        goals: dict[_Inbound, int] = {}
+        deadline = time.monotonic() + timeout_s
+        with self._arrivals:
+            self._arrival_waiters += 1
+            try:
+                while True:
+                    waiting = []
+                    for inbound in pending:
+                        goal = goals.get(inbound)
+                        if goal is None:
+                            goal = inbound.arrived()
+                            if goal is None:
+                                waiting.append(inbound)
+                                continue
+                            goals[inbound] = goal
+                        if inbound.handled < goal and not inbound.closed:
+                            waiting.append(inbound)
+                    pending = waiting
+                    if not pending:
+                        return True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._arrivals.wait(min(remaining, _ARRIVAL_RECHECK_S))
+            finally:
+                self._arrival_waiters -= 1
 
     def close(self) -> None:
         """Stop accepting and close every open connection."""

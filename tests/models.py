@@ -226,3 +226,27 @@ class Solver(DataClayObject):
         """Change the partner from inside the job (a nested request)."""
         self.partner.label = label
         return self.partner.label
+
+
+class Saboteur(DataClayObject):
+    """Makes its backend fail to take one object sent to it.
+
+    A stand-in for a failure no input can cause there (the backend running out
+    of memory while it takes a plain object of a class it already holds).
+    """
+
+    @activemethod
+    def refuse_next_store_of(self, object_id: str) -> None:
+        from dataclay_hpc.object import process_backend
+
+        backend = process_backend()
+        assert backend is not None
+        take = backend._materialize
+
+        def refuse(records: list) -> None:
+            if any(str(meta.id) == object_id for _, meta, _ in records):
+                del backend._materialize  # once
+                raise MemoryError("the backend could not take the object")
+            take(records)
+
+        backend._materialize = refuse  # type: ignore[method-assign]

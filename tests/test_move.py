@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
+import select
+import subprocess
+import sys
 import uuid
 
 import numpy as np
 import pytest
-from models import Custom, Matrix, Node, Person
+from models import Custom, Matrix, Node, Person, Saboteur
 from seed_model import Company, Employee
 
 from dataclay_hpc.exceptions import BackendDoesNotExistError
@@ -154,6 +158,107 @@ def test_an_alias_finds_its_object_after_it_moved(client, backend_ids):
         assert (found.name, found.age) == (alias, index)
         assert found._dc_meta.master_backend_id == backend_ids[index % len(backend_ids)]
         assert Person.get_by_alias(alias) is found
+
+
+def warm_up_moves(backend_ids):
+    """Move a Person between every two backends once, as the first move does."""
+    for source, target in itertools.permutations(backend_ids, 2):
+        Person("warm", 0).make_persistent(backend_id=source)
+        person = Person("warm", 0)
+        person.make_persistent(backend_id=source)
+        person.move(target)
+
+
+def test_each_request_after_a_move_finds_the_object(client, backend_ids):
+    # a move is answered once the source has sent the object: the requests
+    # right after it, here and from a backend, must find it at its target
+    warm_up_moves(backend_ids)
+    person = Person("Ada", 0)
+    person.make_persistent(backend_id=backend_ids[0])
+    holder = Node(0)
+    holder.value = person
+    holder.make_persistent(backend_id=backend_ids[0])  # a source every other move
+    for step in range(1, 301):
+        target = backend_ids[step % len(backend_ids)]
+        person.move(target)
+        assert person.age == step - 1
+        assert person.birthday() == step
+        assert holder.value_age() == step
+        assert person._dc_meta.master_backend_id == target
+        person.move(backend_ids[(step + 1) % len(backend_ids)])
+        person.name = f"Ada {step}"  # a write right after a move
+        assert person.name == f"Ada {step}"
+
+
+def test_another_program_finds_an_object_right_after_it_moved(client, backend_ids):
+    warm_up_moves(backend_ids)
+    person = Person("Bea", 0)
+    person.make_persistent(backend_id=backend_ids[0])
+    script = (
+        "import sys\n"
+        "from dataclay_hpc import Client\n"
+        "from models import Person\n"
+        "with Client():\n"
+        "    for line in sys.stdin:\n"
+        "        object_id, age = line.split()\n"
+        "        found = Person.get_by_id(object_id).age\n"
+        "        print('ok' if found == int(age) else f'age {found}', flush=True)\n"
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, DATACLAY_HPC_JOB=client.job_dir),
+    )
+    try:
+        answers = []
+        for step in range(100):
+            person.age = step
+            person.move(backend_ids[(step + 1) % len(backend_ids)])
+            reader.stdin.write(f"{person._dc_meta.id} {step}\n")
+            reader.stdin.flush()
+            ready, _, _ = select.select([reader.stdout], [], [], 60)
+            assert ready, "the other program did not answer within 60 s"
+            answer = reader.stdout.readline().strip()
+            assert answer, reader.stderr.read()
+            answers.append(answer)
+        reader.stdin.close()
+        assert reader.wait(timeout=60) == 0, reader.stderr.read()
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+    assert answers == ["ok"] * 100
+
+
+def test_a_flush_right_after_a_move_writes_the_object(client, backend_ids):
+    warm_up_moves(backend_ids)
+    person = Person("Cy", 0)
+    person.make_persistent(backend_id=backend_ids[0])
+    for step in range(1, 21):
+        client.flush_all()
+        person.age = step  # loaded again where it is
+        person.move(backend_ids[step % len(backend_ids)])
+        assert client.flush_all() == 1
+        assert person.age == step
+
+
+def test_an_object_its_target_failed_to_take_stays_at_its_source(client, backend_ids):
+    source, target = backend_ids[0], backend_ids[-1]
+    warm_up_moves(backend_ids)
+    saboteur = Saboteur()
+    saboteur.make_persistent(backend_id=target)
+    person = Person("Dee", 7)
+    person.make_persistent(backend_id=source)
+    saboteur.refuse_next_store_of(str(person._dc_meta.id))
+    person.move(target)  # answered before the target failed to take it
+    assert person.name == "Dee"  # the target sends the request back
+    assert person._dc_meta.master_backend_id == source
+    assert person.birthday() == 8
+    person.move(target)
+    assert person._dc_meta.master_backend_id == target
+    assert (person.name, person.age) == ("Dee", 8)
 
 
 def test_a_volatile_object_is_made_persistent_where_it_is_moved(client, backend_ids):
