@@ -110,6 +110,8 @@ _SMALL_MESSAGE_BYTES = 1 << 16
 _READ_BYTES = 1 << 16
 # how often a wait for arrivals looks again when no message was handled
 _ARRIVAL_RECHECK_S = 0.001
+# how long it yields the CPU between looks before it sleeps between them
+_ARRIVAL_SPIN_S = 200e-6
 
 Frame = tuple[bytes, int, list[Any]]
 # (payload, count, buffers, answer wanted) -> the answer, ignored when posted
@@ -773,7 +775,9 @@ class RequestServer:
         with self._lock:
             pending = [c for c in self._inbounds if c is not own]
         goals: dict[_Inbound, int] = {}
-        deadline = time.monotonic() + timeout_s
+        began = time.monotonic()
+        deadline = began + timeout_s
+        spin_until = began + _ARRIVAL_SPIN_S
         with self._arrivals:
             self._arrival_waiters += 1
             try:
@@ -792,10 +796,19 @@ class RequestServer:
                     pending = waiting
                     if not pending:
                         return True
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    now = time.monotonic()
+                    if now < spin_until:
+                        # the thread that takes the arrival is most likely
+                        # runnable: give it the CPU and the interpreter
+                        self._arrivals.release()
+                        try:
+                            os.sched_yield()
+                        finally:
+                            self._arrivals.acquire()
+                        continue
+                    if now >= deadline:
                         return False
-                    self._arrivals.wait(min(remaining, _ARRIVAL_RECHECK_S))
+                    self._arrivals.wait(min(deadline - now, _ARRIVAL_RECHECK_S))
             finally:
                 self._arrival_waiters -= 1
 
