@@ -66,7 +66,7 @@ from .runtime import (
     unregister,
 )
 from .store import Store
-from .transport import REQUEST_TIMEOUT_S, Connection, RequestServer
+from .transport import REQUEST_TIMEOUT_S, RequestServer
 
 __all__ = ["Backend"]
 
@@ -82,9 +82,6 @@ _BY_ID = 8
 _PLAIN_REPLY_TYPES = serialization.PLAIN_VALUE_TYPES | {serialization.Reference}
 # a flush waits at most this long for the requests in flight to finish
 FLUSH_WAIT_S = 600.0
-# how long a request that misses an object waits for stores already on their
-# way here (a move answered before its target confirmed, ``_ship_early``)
-ARRIVAL_WAIT_S = 10.0
 # Objects a backend receives live as long as it holds them, yet the cyclic
 # garbage collector would scan each of them again and again as the heap grows
 # (a quarter of the time a backend took to take in 100 000 moved objects).
@@ -106,25 +103,32 @@ class _RequestGate:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # a plain lock on the way in and out (its ``with`` costs no Python
+        # call); the condition only where someone has to wait
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._running = 0
         self._flushing = False
 
     def enter(self) -> None:
-        with self._cond:
+        with self._lock:
+            if not self._flushing:
+                self._running += 1
+                return
+        with self._idle:
             while self._flushing:
-                self._cond.wait()
+                self._idle.wait()
             self._running += 1
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._running -= 1
             if self._flushing and self._running == 0:
-                self._cond.notify_all()
+                self._idle.notify_all()
 
     def enter_alone(self, timeout_s: float) -> None:
-        with self._cond:
-            if not self._cond.wait_for(
+        with self._idle:
+            if not self._idle.wait_for(
                 lambda: not self._flushing and self._running == 0, timeout_s
             ):
                 raise DataClayException(
@@ -134,9 +138,9 @@ class _RequestGate:
             self._flushing = True
 
     def leave_alone(self) -> None:
-        with self._cond:
+        with self._idle:
             self._flushing = False
-            self._cond.notify_all()
+            self._idle.notify_all()
 
 
 class Backend:
@@ -168,9 +172,6 @@ class Backend:
         self.moved: dict[uuid.UUID, uuid.UUID] = {}
         # backend -> classes of objects it has taken from here as plain stores
         self._stored_at: dict[uuid.UUID, set[type]] = {}
-        # objects sent ahead (``_ship_early``) -> the connection whose answer
-        # says whether their target took them
-        self._unconfirmed: dict[uuid.UUID, Connection] = {}
         # consolidated versions: id -> the original, which requests go to
         self.consolidated: dict[uuid.UUID, DataClayObject] = {}
         self.discarded: set[uuid.UUID] = set()
@@ -206,6 +207,7 @@ class Backend:
             bind_host,
             f"backend-{rank}",
             local_address=f"dataclay-hpc-{self.backend_id}",
+            arrival_handler=self._take_arrival,
         )
         self.info = BackendInfo(
             id=self.backend_id,
@@ -290,12 +292,9 @@ class Backend:
         if state["_dc_is_local"] and state["_dc_is_registered"]:
             return obj
         object_id = state["_dc_meta"].id
-        self._wait_for_arrivals()
-        connection = self._unconfirmed.get(object_id)
-        if connection is not None:  # sent ahead from here: did it arrive?
-            connection.finish_ahead()
+        self.server.take_arrivals()
         if state["_dc_is_local"] and state["_dc_is_registered"]:
-            return obj  # it was on its way here, or is back
+            return obj  # it was on its way here
         if object_id in self.moved:
             raise Moved(self.moved[object_id])
         if object_id in self.consolidated:
@@ -307,21 +306,6 @@ class Backend:
         raise ObjectDoesNotExistError(
             object_id, f"backend rank {self.rank} does not hold it"
         )
-
-    def _wait_for_arrivals(self) -> None:
-        """Wait for the stores that had reached this backend before the call.
-
-        A move may be answered as soon as its source has sent the object
-        (``_ship_early``): a request that comes after the answer and misses
-        the object waits here for it instead of answering "not here".
-        """
-        if not self.server.wait_for_arrivals(ARRIVAL_WAIT_S):
-            logger.warning(
-                "backend rank %d: stores sent here were not taken within %.0f s; "
-                "answering without them",
-                self.rank,
-                ARRIVAL_WAIT_S,
-            )
 
     def _materialize(self, records: list[serialization.Record]) -> None:
         if not records:
@@ -437,6 +421,10 @@ class Backend:
         obj = self.objects.get(key)
         if obj is not None:
             return obj
+        if self.server.take_arrivals():  # it may have been on its way here
+            obj = self.objects.get(key)
+            if obj is not None:
+                return obj
         # not held here: the handler says where it went, as for a reference
         return heap_get_or_create(key, cls, self.backend_id, dataset)
 
@@ -597,25 +585,70 @@ class Backend:
             raise
 
     def _op_store(
-        self,
-        records: list,
-        cls: type,
-        meta: ObjectMetadata,
-        state: dict[str, Any],
-        source: int | None = None,
+        self, records: list, cls: type, meta: ObjectMetadata, state: dict[str, Any]
     ) -> None:
-        """Take one new object sent as a plain state (no other object in it).
+        """Take one new object sent as a plain state (no other object in it)."""
+        self._materialize([(cls, meta, state)])
 
-        ``source``: the backend that sent it without waiting for this answer
-        (``_ship_early``); if this fails, it keeps the object, and callers
-        that come here for it are sent back there.
+    def _take_arrival(
+        self, sender: bytes, payload: bytes, count: int, buffers: list[Any]
+    ) -> None:
+        """Take one object a move sent here without waiting (``_ship_early``).
+
+        The message is a plain ``store``. Should the object fail to arrive
+        here (this backend runs out of memory), it goes back to ``sender``,
+        and requests that come here for it are sent there.
         """
         try:
-            self._materialize([(cls, meta, state)])
-        except BaseException:
-            if source is not None:
-                self.moved[meta.id] = fast_uuid(source)
-            raise
+            message, _ = serialization.loads(payload, count, buffers)
+            self._gate.enter()
+            try:
+                self._materialize([message[4]])
+            finally:
+                self._gate.leave()
+        except BaseException as exc:  # noqa: BLE001 - nothing may be lost
+            self._send_back(uuid.UUID(bytes=sender), payload, buffers, exc)
+
+    def _send_back(
+        self,
+        sender: uuid.UUID,
+        payload: bytes,
+        buffers: list[Any],
+        error: BaseException,
+    ) -> None:
+        assert self.runtime is not None
+        try:
+            object_id = self.runtime.request(
+                sender, "take_back", (payload, [bytes(b) for b in buffers])
+            )
+        except BaseException as exc:  # noqa: BLE001 - logged: its sender is gone
+            logger.error(
+                "backend rank %d failed to take an object backend %s moved here "
+                "(%r), and could not send it back (%r): it is lost",
+                self.rank,
+                sender,
+                error,
+                exc,
+            )
+            return
+        self.moved[object_id] = sender
+        logger.error(
+            "backend rank %d failed to take object %s, moved here from backend %s; "
+            "it went back there: %r",
+            self.rank,
+            object_id,
+            sender,
+            error,
+        )
+
+    def _op_take_back(
+        self, records: list, payload: bytes, buffers: list[bytes]
+    ) -> uuid.UUID:
+        """Hold again an object sent ahead from here that its target failed to take."""
+        message, _ = serialization.loads(payload, 0, buffers)
+        cls, meta, state = message[4]
+        self._materialize([(cls, meta, state)])
+        return meta.id
 
     def _op_receive_objects(self, records: list, roots: list) -> None:
         self._materialize(records)
@@ -675,13 +708,13 @@ class Backend:
             return self.consolidated[object_id]
         obj = self.objects.get(object_id)
         if obj is None:
-            self._wait_for_arrivals()
+            self.server.take_arrivals()
             obj = self.objects.get(object_id)
         return None if obj is None else self._reach(obj, False)
 
     def _op_locate(self, records: list, object_id: uuid.UUID) -> uuid.UUID | None:
         if object_id not in self.objects:
-            self._wait_for_arrivals()
+            self.server.take_arrivals()
         if object_id in self.objects:
             return self.backend_id
         return self.moved.get(object_id)
@@ -732,11 +765,12 @@ class Backend:
         self,
         records: list,
         obj: DataClayObject,
-        target: uuid.UUID,
+        target_id: int,
         recursive: bool,
         remotes: bool,
     ) -> None:
-        """Move ``obj`` to ``target``; the caller knows where it went."""
+        """Move ``obj`` to the backend ``target_id`` (its id as an integer)."""
+        target = fast_uuid(target_id)
         obj = self._reach(obj, True)
         root = obj._dc_meta.id
         if not recursive:
@@ -813,7 +847,7 @@ class Backend:
         outside: list[tuple[uuid.UUID, uuid.UUID | None]] = []
         roots = []
         if any(object_id not in self.objects for object_id in ids):
-            self._wait_for_arrivals()
+            self.server.take_arrivals()
         for object_id in ids:
             obj = self.objects.get(object_id)
             if obj is not None:
@@ -893,15 +927,12 @@ class Backend:
         ``__setstate__`` to run) and where its socket holds the state before
         the answer leaves (a Unix socket: the kernel queues a message at the
         receiver before ``send`` returns).
-        Every request that comes after the answer, from any process, then
-        finds the object there: a backend that misses an object first waits
-        for the stores that had reached it (``_wait_for_arrivals``).
 
-        The object is a proxy here at once. The target's answer is read
-        before the next message on the same connection, or by a request here
-        that misses the object; if the store failed there, the object takes
-        its state back (unless it has come back meanwhile) and the target
-        sends callers back here.
+        It goes as an arrival (``RequestServer.take_arrivals``): nobody at the
+        target is woken up for it, and every request that comes there after
+        the answer, from any process, finds the object, since a backend that
+        misses an object first takes what has arrived. Should the target fail
+        to take it, it sends the object back here (``_op_take_back``).
 
         Returns whether it was sent; if not, nothing has changed.
         """
@@ -919,45 +950,17 @@ class Backend:
             tuple(kept.values())
         ):
             return False
-        connection = self.runtime._connection(target)
-        if not connection.local:
+        connection = self.runtime.arrivals_connection(target, self.backend_id)
+        if connection is None:
             return False
         session = current_session()
         try:
             payload, buffers = serialization.dumps_store(
-                obj, session.username, session.dataset, True, self.backend_id.int, kept
+                obj, session.username, session.dataset, True, kept
             )
         except (TypeError, pickle.PicklingError, AttributeError):
             return False
-        meta = state["_dc_meta"]
-        object_id = meta.id
-
-        def confirmed(answer: Any) -> None:
-            if self._unconfirmed.get(object_id) is connection:
-                del self._unconfirmed[object_id]
-            if isinstance(answer, BaseException):
-                status, value = ERROR, (answer,)
-            else:
-                (status, value), _ = serialization.loads(*answer)
-            if status == OK:
-                return
-            if object_id not in self.objects and self.moved.get(object_id) == target:
-                obj._dc_set_state(kept)
-                state.update(_dc_is_local=True, _dc_is_loaded=True)
-                meta.master_backend_id = self.backend_id
-                self.objects[object_id] = obj
-                self.moved.pop(object_id, None)
-            logger.error(
-                "backend rank %d: object %s could not be moved to backend %s, it "
-                "stays here: %s",
-                self.rank,
-                object_id,
-                target,
-                value[0],
-            )
-
-        connection.send_ahead(payload, 0, buffers, confirmed, arrival=True)
-        self._unconfirmed[object_id] = connection
+        connection.send_arrival(payload, buffers)
         self._moved_away([obj], target)
         return True
 
@@ -1190,7 +1193,7 @@ class Backend:
         logger.debug("version %s discarded", object_id)
 
     def _op_flush(self, records: list) -> int:
-        self._wait_for_arrivals()
+        self.server.take_arrivals()
         self._gate.enter_alone(FLUSH_WAIT_S)
         started = time.monotonic()
         try:

@@ -367,16 +367,13 @@ def dumps_store(
     username: str,
     dataset: str,
     inside_job: bool,
-    source: int | None = None,
     state: Any = None,
 ) -> tuple[bytes, list[Any]]:
     """Pickle a ``store`` request of ``obj``: its record with the plain pickler.
 
     For an object whose state holds no other object; the backend's ``store``
-    takes it without the records machinery. ``source``: the id (as an
-    integer) of the backend sending it without waiting for the answer (the
-    receiver sends callers back there if the store fails). ``state``: the
-    object's state, if the caller has it already.
+    takes it without the records machinery. ``state``: the object's state,
+    if the caller has it already.
 
     Returns:
         ``(payload, out-of-band buffers)``; the message has no records.
@@ -389,9 +386,7 @@ def dumps_store(
     buffers: list[Any] = []
     if state is None:
         state = obj._dc_get_state()
-    record: tuple = (type(obj), obj.__dict__["_dc_meta"], state)
-    if source is not None:
-        record += (source,)
+    record = (type(obj), obj.__dict__["_dc_meta"], state)
     message = ("store", username, dataset, inside_job, record)
     return pickle.dumps(message, protocol=5, buffer_callback=buffers.append), buffers
 

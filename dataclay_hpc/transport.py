@@ -25,20 +25,20 @@ A server handles one connection's messages in order, so the answer to the
 next request on that connection says every message posted before it has been
 handled.
 
-A message can be marked as an *arrival* (it brings an object to the server)
-and its sender may act as if it had been handled before the answer comes:
-``RequestServer.wait_for_arrivals`` waits until every arrival that reached
-the server's sockets before the call has been handled, so a request that
-misses an object can tell "not here" from "not here yet". Between ranks of
-one host the kernel queues a message at the receiver before ``send``
-returns, so whatever happens after the send, anywhere in the job, comes
-later than those bytes.
+A connection can instead carry *arrivals*: objects one backend sends another
+without waiting for any answer (``Connection.send_arrival``). No thread waits
+on such a connection, so a send wakes nobody up at the receiver, which takes
+what has come with ``RequestServer.take_arrivals``: a request that misses an
+object calls it first, and one thread takes what requests left, after a pause
+(a stream of arrivals wakes it about once per pause, not once per message).
+Between ranks of one host the kernel queues a message at the receiver before
+``send`` returns, so whatever happens after the send, anywhere in the job,
+comes later than those bytes: a request that takes the arrivals before it
+answers "not here" can tell "not here" from "not here yet".
 """
 
 from __future__ import annotations
 
-import collections
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -46,7 +46,6 @@ import os
 import select
 import socket
 import struct
-import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -87,18 +86,21 @@ SERVER_SPIN_S = min(SPIN_S, 50e-6)
 #: How many stores a connection sends ahead before it asks whether they were
 #: taken (``DATACLAY_HPC_STORES_AHEAD``; 0: every store waits for its answer).
 MAX_POSTED = int(_env_number("DATACLAY_HPC_STORES_AHEAD", 256, whole=True))
-#: How many requests a connection sends ahead (``Connection.send_ahead``)
-#: before it reads their answers.
-MAX_AHEAD = 64
+#: How long the thread that takes arrivals no request took waits before it
+#: looks again; arrivals sent meanwhile wake nobody up.
+ARRIVALS_PAUSE_S = 0.001
 
 _NONCE_BYTES = 32
 _ACCEPTED = b"OK"
+# what a connection carries, sent after the secret's digest: requests, or
+# arrivals (followed by the sender's 16-byte tag)
+_REQUESTS = b"r"
+_ARRIVALS = b"a"
+_TAG_BYTES = 16
 # payload length, application count, number of out-of-band buffers (its top
-# bit set: posted, the sender wants no answer; the next one: an arrival)
+# bit set: posted, the sender wants no answer)
 _HEAD = struct.Struct("!QII")
 _POSTED = 1 << 31
-_ARRIVAL = 1 << 30
-_FLAGS = _POSTED | _ARRIVAL
 # how often a thread waiting to cover another thread's posts looks again
 _SETTLE_RECHECK_S = 0.001
 _LEN = struct.Struct("!Q")
@@ -108,16 +110,14 @@ _UNIX_BUFFER_BYTES = 4 << 20
 _SMALL_MESSAGE_BYTES = 1 << 16
 # what a server's connection thread asks the kernel for at once
 _READ_BYTES = 1 << 16
-# how often a wait for arrivals looks again when no message was handled
-_ARRIVAL_RECHECK_S = 0.001
-# how long it yields the CPU between looks before it sleeps between them
-_ARRIVAL_SPIN_S = 200e-6
 
 Frame = tuple[bytes, int, list[Any]]
 # (payload, count, buffers, answer wanted) -> the answer, ignored when posted
 Handler = Callable[
     [bytes, int, list[Any], bool], tuple[bytes, int, Sequence[Any]] | None
 ]
+# (sender's tag, payload, count, buffers): takes one arrival, answers nothing
+ArrivalHandler = Callable[[bytes, bytes, int, list[Any]], None]
 
 # The threads of this process waiting for an answer, and those answering a
 # request: one entry each (list append and pop are atomic), so a thread can
@@ -127,8 +127,6 @@ _answering: list[None] = []
 # held by the one connection thread of this process that polls for its next
 # request: two polling threads would only take the interpreter from each other
 _polling = threading.Lock()
-# in a server's connection thread: its connection
-_serving = threading.local()
 
 
 def _poll_until_readable(poller: select.poll, spin_s: float) -> bool:
@@ -163,6 +161,9 @@ def _digest(secret: bytes, nonce: bytes) -> bytes:
 def _send_frame(
     sock: socket.socket, payload: bytes, count: int, buffers, flags: int = 0
 ) -> None:
+    if not buffers and len(payload) <= _SMALL_MESSAGE_BYTES:  # most messages
+        sock.sendall(_HEAD.pack(len(payload), count, flags) + payload)
+        return
     views = [memoryview(b).cast("B") for b in buffers]
     head = _HEAD.pack(len(payload), count, len(views) | flags)
     if views:
@@ -209,8 +210,12 @@ def _read_buffer(rfile, size: int):
 
 
 def _recv_frame(rfile) -> tuple[Frame, int] | None:
-    """Read one message: its frame, and its flags (``_POSTED``, ``_ARRIVAL``)."""
-    head = rfile.read(_HEAD.size)
+    """Read one message: its frame, and its flags (``_POSTED``)."""
+    return _recv_rest(rfile, rfile.read(_HEAD.size))
+
+
+def _recv_rest(rfile, head: bytes | bytearray | None) -> tuple[Frame, int] | None:
+    """Read the rest of the message whose header ``head`` was read."""
     if head is None:  # the kernel's receive timeout expired
         raise TimeoutError("no answer within the request timeout")
     if not head:
@@ -218,8 +223,8 @@ def _recv_frame(rfile) -> tuple[Frame, int] | None:
     if len(head) != _HEAD.size:
         raise EOFError("connection closed inside a message header")
     size, count, nbuffers = _HEAD.unpack(head)
-    flags = nbuffers & _FLAGS
-    nbuffers &= ~_FLAGS
+    flags = nbuffers & _POSTED
+    nbuffers &= ~_POSTED
     sizes = []
     if nbuffers:
         raw = _read_exact(rfile, _LEN.size * nbuffers)
@@ -249,6 +254,10 @@ class Connection:
         address: ``(host, port)`` of the server.
         secret: The job's secret.
         name: What the server is, for error messages (e.g. ``backend 2``).
+        local_address: The server's abstract Unix socket name, where it is on
+            this host.
+        arrivals_from: Make it a connection for arrivals only
+            (``send_arrival``), tagged with these 16 bytes (the sender).
     """
 
     def __init__(
@@ -257,6 +266,7 @@ class Connection:
         secret: bytes,
         name: str,
         local_address: str | None = None,
+        arrivals_from: bytes | None = None,
     ) -> None:
         self.address = address
         self.name = name
@@ -273,7 +283,16 @@ class Connection:
             _tune(sock)
             rfile = sock.makefile("rb")
             nonce = _read_exact(rfile, _NONCE_BYTES)
-            sock.sendall(_digest(secret, nonce))
+            if arrivals_from is None:
+                kind = _REQUESTS
+            elif len(arrivals_from) == _TAG_BYTES:
+                kind = _ARRIVALS + arrivals_from
+            else:
+                raise ValueError(
+                    f"arrivals_from must be {_TAG_BYTES} bytes; got "
+                    f"{len(arrivals_from)}"
+                )
+            sock.sendall(_digest(secret, nonce) + kind)
             if rfile.read(len(_ACCEPTED)) != _ACCEPTED:
                 raise BackendUnavailableError(
                     f"{name} at {address[0]}:{address[1]} refused this process's job "
@@ -304,10 +323,6 @@ class Connection:
         # one owner thread, but another may ask for what it posted
         self._lock = threading.Lock()
         self._posted = 0
-        # what takes the answers to the requests sent ahead, in order
-        self._ahead: collections.deque[
-            Callable[[Frame | BackendUnavailableError], None]
-        ] = collections.deque()
         #: Called with the number of posted messages an answer has covered, or
         #: that were lost with the connection.
         self.on_posted_handled: Callable[[int], None] | None = None
@@ -325,54 +340,21 @@ class Connection:
         with self._lock:
             return self._request(payload, count, buffers)
 
-    def send_ahead(
-        self,
-        payload: bytes,
-        count: int,
-        buffers: Sequence[Any],
-        on_answer: Callable[[Frame | BackendUnavailableError], None],
-        arrival: bool = False,
-    ) -> None:
-        """Send one request and go on; its answer is read later.
+    def send_arrival(self, payload: bytes, buffers: Sequence[Any]) -> None:
+        """Send one arrival (on a connection made with ``arrivals_from``).
 
-        The answer (or the error that says the connection failed) goes to
-        ``on_answer`` before the next request that waits for its answer on
-        this connection, at ``finish_ahead``, or once ``MAX_AHEAD`` requests
-        are ahead, in the thread that does it. ``arrival`` marks a message
-        that brings an object to the server (see
-        ``RequestServer.wait_for_arrivals``).
+        Nothing is read back: the server takes it when it needs it. From any
+        thread; once this returns, the message is queued at a server on this
+        host (a Unix socket), or on its way to one elsewhere.
 
         Raises:
-            BackendUnavailableError: The server went away; nothing was sent.
+            BackendUnavailableError: The server went away; at most part of the
+                message was sent, which the server drops.
         """
         with self._lock:
-            if len(self._ahead) >= MAX_AHEAD:
-                self._finish_ahead()
-            self._send(payload, count, buffers, _ARRIVAL if arrival else 0)
-            self._ahead.append(on_answer)
-
-    def finish_ahead(self) -> None:
-        """Read the answers to the requests sent ahead that were not read yet."""
-        if not self._ahead:  # read already: no need to wait for the owner
-            return
-        with self._lock:
-            self._finish_ahead()
-
-    def _finish_ahead(self) -> None:
-        ahead = self._ahead
-        while ahead:
-            on_answer = ahead.popleft()
-            try:
-                frame = self._receive()
-            except BackendUnavailableError as exc:
-                on_answer(exc)  # and every other one: the connection is gone
-                continue
-            self._cover_posted()
-            on_answer(frame)
+            self._send(payload, 0, buffers, _POSTED)
 
     def _request(self, payload: bytes, count: int, buffers: Sequence[Any]) -> Frame:
-        if self._ahead:
-            self._finish_ahead()
         _awaiting.append(None)
         try:
             self._send(payload, count, buffers, 0)
@@ -426,8 +408,6 @@ class Connection:
             BackendUnavailableError: The server went away.
         """
         with self._lock:
-            if self._ahead:  # their answers must not be taken as covering this
-                self._finish_ahead()
             self._send(payload, count, buffers, _POSTED)
             self._posted += 1
 
@@ -492,21 +472,12 @@ class Connection:
             self._sock.close()
 
 
-def _queued_bytes(sock: socket.socket) -> int:
-    """Return how many received bytes the kernel holds for ``sock``."""
-    raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    return struct.unpack("i", raw)[0]
-
-
 class _Inbound:
-    """The receiving end of one connection a server answers.
+    """The receiving end of one connection a server reads.
 
-    It reads through a buffer of its own, so that another thread can tell
-    how much of what reached the socket has been dealt with: ``received``
-    counts the bytes taken from the kernel, ``handled`` those of the messages
-    dealt with (arrivals once handled, other messages once read), and
-    ``reading`` is set while bytes leave the kernel before ``received`` says
-    so. Only the connection's thread reads.
+    It reads through a buffer of its own, so that its reader can tell whether
+    a message it has not taken yet is already here (``buffered``), which
+    Python's buffered reader does not say.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -517,40 +488,17 @@ class _Inbound:
         self._view = memoryview(self._buffer)
         self._start = 0
         self._end = 0
-        self.reading = False
-        self.received = 0
-        self.handled = 0
-        self.closed = False
+        #: For an arrivals connection: the sender's tag.
+        self.sender = b""
 
     @property
     def buffered(self) -> int:
         """Bytes read from the kernel and not yet taken as part of a message."""
         return self._end - self._start
 
-    def arrived(self) -> int | None:
-        """Bytes received so far, in the kernel included.
-
-        ``None`` while bytes are leaving the kernel: ask again.
-        """
-        if self.reading:
-            return None
-        received = self.received
-        try:
-            queued = _queued_bytes(self.sock)
-        except OSError:  # closed
-            return received
-        if self.reading or self.received != received:
-            return None
-        return received + queued
-
-    def _recv_into(self, view: memoryview) -> int:
-        self.reading = True
-        try:
-            got = self.sock.recv_into(view)
-            self.received += got
-        finally:
-            self.reading = False
-        return got
+    def pending(self) -> bool:
+        """Say, without blocking, whether part of a message, or the end, is here."""
+        return self._end > self._start or bool(self.poller.poll(0))
 
     def read(self, size: int) -> bytes | bytearray:
         """Return the next ``size`` bytes; fewer only where the stream ends."""
@@ -565,7 +513,7 @@ class _Inbound:
             self._start = self._end = 0
             view = memoryview(data)
             while have < size:
-                got = self._recv_into(view[have:])
+                got = self.sock.recv_into(view[have:])
                 if not got:
                     return bytes(data[:have])
                 have += got
@@ -575,7 +523,7 @@ class _Inbound:
             start, end = 0, end - start
         try:
             while end - start < size:
-                got = self._recv_into(self._view[end:])
+                got = self.sock.recv_into(self._view[end:])
                 if not got:
                     break
                 end += got
@@ -585,11 +533,22 @@ class _Inbound:
         self._start = start + taken
         return bytes(self._view[start : start + taken])
 
+    def frame(self) -> tuple[Frame, int] | None:
+        """Read one message as ``_recv_frame`` does; at once where it is here whole."""
+        head = self.read(_HEAD.size)
+        if len(head) == _HEAD.size:
+            size, count, nbuffers = _HEAD.unpack(head)
+            start = self._start
+            if not nbuffers & ~_POSTED and self._end - start >= size:
+                self._start = start + size
+                return (bytes(self._view[start : start + size]), count, []), nbuffers
+        return _recv_rest(self, head)
+
     def readinto(self, view: memoryview) -> int:
         """Fill the start of ``view``; return how many bytes (0: the end)."""
         start, end = self._start, self._end
         if start == end:
-            return self._recv_into(view)
+            return self.sock.recv_into(view)
         taken = min(end - start, len(view))
         view[:taken] = self._view[start : start + taken]
         self._start = start + taken
@@ -610,6 +569,8 @@ class RequestServer:
         spin_s: How long a connection thread polls for the next request
             before it blocks, when nothing else runs in the process and the
             peer's last request came within twice that time.
+        arrival_handler: Takes one arrival (see ``take_arrivals``); it must
+            not raise. Without it, connections for arrivals are refused.
     """
 
     def __init__(
@@ -620,8 +581,10 @@ class RequestServer:
         name: str,
         local_address: str | None = None,
         spin_s: float = SERVER_SPIN_S,
+        arrival_handler: ArrivalHandler | None = None,
     ) -> None:
         self._handler = handler
+        self._arrival_handler = arrival_handler
         self._spin_s = spin_s
         self._secret = secret
         self._name = name
@@ -634,11 +597,16 @@ class RequestServer:
             unix.listen()
             self._listeners.append(unix)
         self._connections: set[socket.socket] = set()
-        self._inbounds: set[_Inbound] = set()
         self._lock = threading.Lock()
-        # notified when a message is dealt with while someone waits for arrivals
-        self._arrivals = threading.Condition(threading.Lock())
-        self._arrival_waiters = 0
+        # connections for arrivals; replaced, never changed, so that a reader
+        # needs no lock to go through them
+        self._arrival_inbounds: tuple[_Inbound, ...] = ()
+        # held while arrivals are read and handled
+        self._taking = threading.Lock()
+        # arrivals taken so far, by whichever thread
+        self._arrivals_taken = 0
+        # written to when the arrivals connections change, or at close()
+        self._wake_read, self._wake_write = os.pipe()
         self._closed = False
         self._threads = [
             threading.Thread(
@@ -649,6 +617,14 @@ class RequestServer:
             )
             for index, listener in enumerate(self._listeners)
         ]
+        if arrival_handler is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=self._take_left_arrivals,
+                    name=f"{name}-arrivals",
+                    daemon=True,
+                )
+            )
 
     def start(self) -> None:
         """Start accepting connections in background threads."""
@@ -675,29 +651,45 @@ class RequestServer:
                 daemon=True,
             ).start()
 
-    def _authenticate(self, sock: socket.socket, rfile) -> bool:
+    def _authenticate(self, sock: socket.socket, inbound: _Inbound) -> bytes | None:
+        """Check the peer's secret; return what the connection carries, or None."""
         nonce = os.urandom(_NONCE_BYTES)
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
         sock.sendall(nonce)
-        answer = rfile.read(hashlib.sha256().digest_size)
-        if not answer or not hmac.compare_digest(answer, _digest(self._secret, nonce)):
-            return False
+        size = hashlib.sha256().digest_size
+        answer = inbound.read(size + 1)
+        if len(answer) != size + 1 or not hmac.compare_digest(
+            answer[:size], _digest(self._secret, nonce)
+        ):
+            return None
+        kind = bytes(answer[size:])
+        if kind == _ARRIVALS and self._arrival_handler is not None:
+            inbound.sender = bytes(inbound.read(_TAG_BYTES))
+            if len(inbound.sender) != _TAG_BYTES:
+                return None
+        elif kind != _REQUESTS:
+            return None
         sock.sendall(_ACCEPTED)
         sock.settimeout(None)
-        return True
+        return kind
 
     def _serve(self, sock: socket.socket, peer) -> None:
         inbound = _Inbound(sock)
+        kept = False
         try:
             _tune(sock)
-            if not self._authenticate(sock, inbound):
+            kind = self._authenticate(sock, inbound)
+            if kind is None:
                 logger.warning(
-                    "%s refused a peer without the job secret: %s", self._name, peer
+                    "%s refused a peer without the job secret, or asking for "
+                    "what it does not serve: %s",
+                    self._name,
+                    peer,
                 )
                 return
-            with self._lock:
-                self._inbounds.add(inbound)
-            _serving.inbound = inbound
+            if kind == _ARRIVALS:
+                kept = self._keep_for_arrivals(inbound)
+                return
             poller = inbound.poller
             spin_s = self._spin_s
             clock = time.perf_counter
@@ -707,40 +699,31 @@ class RequestServer:
             soon = True
             answered = 0.0
             while True:
-                if not inbound.buffered:
-                    polled = ready = False
-                    if spin_s and soon and not _answering and not _awaiting:
-                        if _polling.acquire(blocking=False):
-                            try:
-                                ready = soon = _poll_until_readable(poller, spin_s)
-                                polled = True
-                            finally:
-                                _polling.release()
-                    if not ready:
-                        # block here, not in recv: bytes leave the kernel only
-                        # once this thread can say so (``_Inbound.reading``)
-                        poller.poll()
-                    if not polled:
-                        soon = clock() - answered < 2 * spin_s
-                received = _recv_frame(inbound)
+                polled = False
+                if (
+                    spin_s
+                    and soon
+                    and not inbound.buffered
+                    and not _answering
+                    and not _awaiting
+                ):
+                    if _polling.acquire(blocking=False):
+                        try:
+                            soon = _poll_until_readable(poller, spin_s)
+                            polled = True
+                        finally:
+                            _polling.release()
+                received = inbound.frame()
+                if not polled:
+                    soon = clock() - answered < 2 * spin_s
                 if received is None:
                     return
                 (payload, count, buffers), flags = received
-                end = inbound.received - inbound.buffered
-                if not flags & _ARRIVAL:
-                    self._dealt_with(inbound, end)
-                else:
-                    # its sender woke this thread, on its own CPU when no other
-                    # was idle, and has its answer to send next (a move's
-                    # source answers the driver): let it go first
-                    os.sched_yield()
                 _answering.append(None)
                 try:
                     answer = self._handler(payload, count, buffers, not flags & _POSTED)
                 finally:
                     _answering.pop()
-                if flags & _ARRIVAL:
-                    self._dealt_with(inbound, end)
                 if not flags & _POSTED:
                     assert answer is not None
                     _send_frame(sock, *answer)
@@ -749,74 +732,95 @@ class RequestServer:
             if not self._closed:
                 logger.debug("%s: connection from %s ended: %s", self._name, peer, exc)
         finally:
-            inbound.closed = True
-            with self._lock:
-                self._connections.discard(sock)
-                self._inbounds.discard(inbound)
-            self._dealt_with(inbound, inbound.handled)
-            sock.close()
+            if not kept:
+                with self._lock:
+                    self._connections.discard(sock)
+                sock.close()
 
-    def _dealt_with(self, inbound: _Inbound, end: int) -> None:
-        inbound.handled = end
-        if self._arrival_waiters:
-            with self._arrivals:
-                self._arrivals.notify_all()
+    # -- arrivals ------------------------------------------------------------------
 
-    def wait_for_arrivals(self, timeout_s: float) -> bool:
-        """Wait until the arrivals that reached this server so far are handled.
-
-        Every message marked as an arrival whose bytes had reached one of
-        this server's sockets when the call began (other than the caller's
-        own connection) has been handled when this returns true; false when
-        ``timeout_s`` ran out first. Cheap when none is pending: one look at
-        each connection's kernel queue.
-        """
-        own = getattr(_serving, "inbound", None)
+    def _keep_for_arrivals(self, inbound: _Inbound) -> bool:
         with self._lock:
-            pending = [c for c in self._inbounds if c is not own]
-        goals: dict[_Inbound, int] = {}
-        began = time.monotonic()
-        deadline = began + timeout_s
-        spin_until = began + _ARRIVAL_SPIN_S
-        with self._arrivals:
-            self._arrival_waiters += 1
+            if self._closed:
+                return False
+            self._arrival_inbounds = (*self._arrival_inbounds, inbound)
+        os.write(self._wake_write, b"\0")
+        return True
+
+    def _drop_arrivals(self, inbound: _Inbound, why: BaseException) -> None:
+        with self._lock:
+            self._arrival_inbounds = tuple(
+                c for c in self._arrival_inbounds if c is not inbound
+            )
+            self._connections.discard(inbound.sock)
+        inbound.sock.close()
+        if not self._closed:
+            logger.debug("%s: arrivals connection ended: %s", self._name, why)
+
+    def take_arrivals(self) -> int:
+        """Take every arrival whose bytes have reached this server; return how many.
+
+        Every message that had begun to reach one of this server's arrivals
+        connections when the call began has been handed to the arrival
+        handler when it returns (one that has begun to arrive is read to its
+        end). Cheap when none has: one look at each arrivals connection.
+        """
+        taken = 0
+        with self._taking:
+            for inbound in self._arrival_inbounds:
+                try:
+                    while inbound.pending():
+                        received = inbound.frame()
+                        if received is None:
+                            raise EOFError("connection closed")
+                        (payload, count, buffers), _ = received
+                        taken += 1
+                        self._take_one(inbound.sender, payload, count, buffers)
+                except (OSError, EOFError) as exc:
+                    self._drop_arrivals(inbound, exc)
+            self._arrivals_taken += taken
+        return taken
+
+    def _take_one(
+        self, sender: bytes, payload: bytes, count: int, buffers: list[Any]
+    ) -> None:
+        assert self._arrival_handler is not None
+        try:
+            self._arrival_handler(sender, payload, count, buffers)
+        except Exception:  # a defect of the handler: keep taking the others
+            logger.exception("%s: an arrival handler raised", self._name)
+
+    def _take_left_arrivals(self) -> None:
+        """Take the arrivals that no request took.
+
+        Blocks while none come. Once one has, it looks again after each
+        ``ARRIVALS_PAUSE_S`` for as long as arrivals keep coming (whoever took
+        them): arrivals sent while it pauses wake nobody up.
+        """
+        while not self._closed:
+            poller = select.poll()
+            poller.register(self._wake_read, select.POLLIN)
+            for inbound in self._arrival_inbounds:
+                poller.register(inbound.sock, select.POLLIN)
             try:
-                while True:
-                    waiting = []
-                    for inbound in pending:
-                        goal = goals.get(inbound)
-                        if goal is None:
-                            goal = inbound.arrived()
-                            if goal is None:
-                                waiting.append(inbound)
-                                continue
-                            goals[inbound] = goal
-                        if inbound.handled < goal and not inbound.closed:
-                            waiting.append(inbound)
-                    pending = waiting
-                    if not pending:
-                        return True
-                    now = time.monotonic()
-                    if now < spin_until:
-                        # the thread that takes the arrival is most likely
-                        # runnable: give it the CPU and the interpreter
-                        self._arrivals.release()
-                        try:
-                            os.sched_yield()
-                        finally:
-                            self._arrivals.acquire()
-                        continue
-                    if now >= deadline:
-                        return False
-                    self._arrivals.wait(min(deadline - now, _ARRIVAL_RECHECK_S))
-            finally:
-                self._arrival_waiters -= 1
+                events = poller.poll()
+            except OSError:  # a socket closed under it
+                continue
+            if any(fd == self._wake_read for fd, _ in events):
+                os.read(self._wake_read, 4096)
+            self.take_arrivals()
+            while not self._closed:
+                mark = self._arrivals_taken
+                time.sleep(ARRIVALS_PAUSE_S)
+                if not self.take_arrivals() and self._arrivals_taken == mark:
+                    break
 
     def close(self) -> None:
         """Stop accepting and close every open connection."""
         with self._lock:
             self._closed = True
             connections = list(self._connections)
+        os.write(self._wake_write, b"\0")
         for sock in [*self._listeners, *connections]:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -826,3 +830,6 @@ class RequestServer:
             listener.close()
         for thread in self._threads:
             thread.join(timeout=5)
+        if not any(thread.is_alive() for thread in self._threads):
+            os.close(self._wake_read)
+            os.close(self._wake_write)
