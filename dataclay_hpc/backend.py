@@ -415,7 +415,9 @@ class Backend:
             return None
         return self._dump_reply(op, reply)
 
-    def _object(self, object_id: int, cls: type, dataset: str | None) -> DataClayObject:
+    def _object(
+        self, object_id: int, class_path: str, dataset: str | None
+    ) -> DataClayObject:
         """Return this process's object for a request that names it by id."""
         key = fast_uuid(object_id)
         obj = self.objects.get(key)
@@ -426,6 +428,7 @@ class Backend:
             if obj is not None:
                 return obj
         # not held here: the handler says where it went, as for a reference
+        cls = serialization.class_from_path(class_path)
         return heap_get_or_create(key, cls, self.backend_id, dataset)
 
     def _posted_failures(self) -> list[tuple[BaseException, str, int, str]]:

@@ -437,10 +437,13 @@ class Runtime:
     ) -> Any:
         """Send a request about ``obj`` whose other arguments are plain values.
 
-        The object goes as its id, class and dataset, and the whole message
-        as one plain pickle: a third of the time of the job's pickler, on
-        both sides, for the requests most calls make (reads, writes of plain
-        values, active methods with plain arguments, moves).
+        The object goes as its id, class path and dataset, and the whole
+        message as one plain pickle: a third of the time of the job's
+        pickler, on both sides, for the requests most calls make (reads,
+        writes of plain values, active methods with plain arguments, moves).
+        The class goes by its path, which costs half as much as the class
+        itself to pickle and unpickle; a backend imports it only if it does
+        not hold the object.
         """
         session = current_session()
         meta = obj.__dict__["_dc_meta"]
@@ -451,7 +454,7 @@ class Runtime:
             self.inside_job,
             args,
             meta.id.int,
-            type(obj),
+            meta.class_name,
             meta.dataset_name,
         )
         try:

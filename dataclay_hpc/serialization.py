@@ -15,6 +15,7 @@ import contextlib
 import copyreg
 import gc
 import hashlib
+import importlib
 import io
 import pickle
 import threading
@@ -266,6 +267,41 @@ def class_import_error(exc: BaseException) -> ClassImportError:
             "example through PYTHONPATH)"
         )
     return ClassImportError(f"cannot import a class of the message ({exc}); {hint}")
+
+
+# class path -> class, for requests that name their object's class by path
+_classes: dict[str, type] = {}
+
+
+def class_from_path(path: str) -> type:
+    """Return the class whose ``module.qualname`` is ``path``, importing it.
+
+    Raises:
+        ClassImportError: It cannot be imported here.
+    """
+    cls = _classes.get(path)
+    if cls is not None:
+        return cls
+    parts = path.split(".")
+    found: Any = None
+    error: BaseException = ImportError(f"no module in {path!r}", name=parts[0])
+    # the longest importable prefix is the module; the rest is the qualname
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ImportError as exc:
+            error = exc
+            continue
+        try:
+            for name in parts[split:]:
+                found = getattr(found, name)
+        except AttributeError as exc:
+            raise class_import_error(exc) from exc
+        break
+    if not isinstance(found, type):
+        raise class_import_error(error) from error
+    _classes[path] = found
+    return found
 
 
 def dumps(

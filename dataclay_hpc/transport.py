@@ -669,8 +669,17 @@ class RequestServer:
                 return None
         elif kind != _REQUESTS:
             return None
-        sock.sendall(_ACCEPTED)
         sock.settimeout(None)
+        if kind == _ARRIVALS and not self._keep_for_arrivals(inbound):
+            return None
+        # an arrivals connection is read from now on: its first arrival,
+        # sent as soon as the peer reads this, is taken with the others
+        try:
+            sock.sendall(_ACCEPTED)
+        except OSError as exc:
+            if kind == _ARRIVALS:
+                self._drop_arrivals(inbound, exc)
+            raise
         return kind
 
     def _serve(self, sock: socket.socket, peer) -> None:
@@ -688,7 +697,7 @@ class RequestServer:
                 )
                 return
             if kind == _ARRIVALS:
-                kept = self._keep_for_arrivals(inbound)
+                kept = True
                 return
             poller = inbound.poller
             spin_s = self._spin_s
@@ -818,6 +827,8 @@ class RequestServer:
     def close(self) -> None:
         """Stop accepting and close every open connection."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             connections = list(self._connections)
         os.write(self._wake_write, b"\0")

@@ -250,3 +250,26 @@ class Saboteur(DataClayObject):
             take(records)
 
         backend._materialize = refuse  # type: ignore[method-assign]
+
+
+class Inspector(DataClayObject):
+    """Looks into its backend without asking it for anything else."""
+
+    @activemethod
+    def holds(self, object_id: str) -> bool:
+        """Whether this backend holds the object, its arrivals left untaken."""
+        from dataclay_hpc.object import process_backend
+
+        backend = process_backend()
+        assert backend is not None
+        return any(str(key) == object_id for key in list(backend.objects))
+
+
+class Shelf:
+    """A plain namespace: classes nested in it have dotted qualified names."""
+
+    class Book(DataClayObject):
+        title: str
+
+        def __init__(self, title: str) -> None:
+            self.title = title

@@ -8,11 +8,13 @@ import os
 import select
 import subprocess
 import sys
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
-from models import Custom, Matrix, Node, Person, Saboteur
+from models import Custom, Inspector, Matrix, Node, Person, Saboteur, Shelf
 from seed_model import Company, Employee
 
 from dataclay_hpc.exceptions import BackendDoesNotExistError
@@ -230,6 +232,93 @@ def test_another_program_finds_an_object_right_after_it_moved(client, backend_id
         reader.kill()
         reader.wait(timeout=30)
     assert answers == ["ok"] * 100
+
+
+def test_an_object_nobody_asks_for_reaches_its_target(client, backend_ids):
+    # a move sent ahead is taken at its target even if no request misses it
+    source, target = backend_ids[0], backend_ids[-1]
+    warm_up_moves(backend_ids)
+    inspector = Inspector()
+    inspector.make_persistent(backend_id=target)
+    for index in range(20):
+        person = Person(f"unasked {index}", index)
+        person.make_persistent(backend_id=source)
+        person.move(target)
+        object_id = str(person._dc_meta.id)
+        deadline = time.monotonic() + 10
+        while not inspector.holds(object_id):
+            assert time.monotonic() < deadline, "the target did not take it in 10 s"
+            time.sleep(0.001)
+    assert person.age == 19
+
+
+def thread_wakeups(pid: int) -> int:
+    """How many times the threads of a process have given up the CPU."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_backends_go_quiet_right_after_a_burst_of_moves(client, backend_ids):
+    # while moves come, a backend looks for arrivals every millisecond; once
+    # they stop, it must block again, not keep looking
+    warm_up_moves(backend_ids)
+    person = Person("burst", 0)
+    person.make_persistent(backend_id=backend_ids[0])
+    for step in range(500):
+        person.move(backend_ids[step % len(backend_ids)])
+    assert person.name == "burst"
+    pids = [info.pid for info in client.get_backends().values()]
+    time.sleep(0.1)
+    before = [thread_wakeups(pid) for pid in pids]
+    time.sleep(1.0)
+    after = [thread_wakeups(pid) for pid in pids]
+    for start, end in zip(before, after, strict=True):
+        assert end - start < 100  # looking every millisecond: ~1000
+
+
+def test_a_stale_location_of_a_nested_class_is_repaired(client, backend_ids):
+    # a request that names its object by id names its class by path; the old
+    # backend, which no longer holds the object, imports the class to answer
+    book = Shelf.Book("Dune")
+    book.make_persistent(backend_id=backend_ids[0])
+    script = (
+        "import sys\n"
+        "from dataclay_hpc import Client\n"
+        "from models import Shelf\n"
+        "with Client():\n"
+        "    book = Shelf.Book.get_by_id(sys.argv[1])\n"
+        "    print(book.title, flush=True)\n"
+        "    sys.stdin.readline()\n"
+        "    print(book.title, book._dc_meta.master_backend_id, flush=True)\n"
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", script, str(book._dc_meta.id)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, DATACLAY_HPC_JOB=client.job_dir),
+    )
+    try:
+        ready, _, _ = select.select([reader.stdout], [], [], 60)
+        assert ready, "the other program did not answer within 60 s"
+        assert reader.stdout.readline().strip() == "Dune", reader.stderr.read()
+        book.move(backend_ids[-1])
+        book.title = "Dune Messiah"
+        reader.stdin.write("again\n")
+        reader.stdin.flush()
+        ready, _, _ = select.select([reader.stdout], [], [], 60)
+        assert ready, "the other program did not answer within 60 s"
+        answer = reader.stdout.readline().split()
+        assert answer == ["Dune", "Messiah", str(backend_ids[-1])], reader.stderr.read()
+        assert reader.wait(timeout=60) == 0, reader.stderr.read()
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
 
 
 def test_a_flush_right_after_a_move_writes_the_object(client, backend_ids):
