@@ -192,6 +192,27 @@ def test_each_request_after_a_move_finds_the_object(client, backend_ids):
         assert person.name == f"Ada {step}"
 
 
+def other_program(client, script: str, *args: str) -> subprocess.Popen:
+    """Start a Python program that joins the job; lines in and out as text."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, DATACLAY_HPC_JOB=client.job_dir),
+    )
+
+
+def next_line(program: subprocess.Popen, deadline_s: float = 60) -> str:
+    """The program's next line of output, within a deadline."""
+    ready, _, _ = select.select([program.stdout], [], [], deadline_s)
+    assert ready, f"the other program did not answer within {deadline_s} s"
+    line = program.stdout.readline().strip()
+    assert line, program.stderr.read()
+    return line
+
+
 def test_another_program_finds_an_object_right_after_it_moved(client, backend_ids):
     warm_up_moves(backend_ids)
     person = Person("Bea", 0)
@@ -206,14 +227,7 @@ def test_another_program_finds_an_object_right_after_it_moved(client, backend_id
         "        found = Person.get_by_id(object_id).age\n"
         "        print('ok' if found == int(age) else f'age {found}', flush=True)\n"
     )
-    reader = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, DATACLAY_HPC_JOB=client.job_dir),
-    )
+    reader = other_program(client, script)
     try:
         answers = []
         for step in range(100):
@@ -221,11 +235,7 @@ def test_another_program_finds_an_object_right_after_it_moved(client, backend_id
             person.move(backend_ids[(step + 1) % len(backend_ids)])
             reader.stdin.write(f"{person._dc_meta.id} {step}\n")
             reader.stdin.flush()
-            ready, _, _ = select.select([reader.stdout], [], [], 60)
-            assert ready, "the other program did not answer within 60 s"
-            answer = reader.stdout.readline().strip()
-            assert answer, reader.stderr.read()
-            answers.append(answer)
+            answers.append(next_line(reader))
         reader.stdin.close()
         assert reader.wait(timeout=60) == 0, reader.stderr.read()
     finally:
@@ -295,26 +305,14 @@ def test_a_stale_location_of_a_nested_class_is_repaired(client, backend_ids):
         "    sys.stdin.readline()\n"
         "    print(book.title, book._dc_meta.master_backend_id, flush=True)\n"
     )
-    reader = subprocess.Popen(
-        [sys.executable, "-c", script, str(book._dc_meta.id)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, DATACLAY_HPC_JOB=client.job_dir),
-    )
+    reader = other_program(client, script, str(book._dc_meta.id))
     try:
-        ready, _, _ = select.select([reader.stdout], [], [], 60)
-        assert ready, "the other program did not answer within 60 s"
-        assert reader.stdout.readline().strip() == "Dune", reader.stderr.read()
+        assert next_line(reader) == "Dune"
         book.move(backend_ids[-1])
         book.title = "Dune Messiah"
         reader.stdin.write("again\n")
         reader.stdin.flush()
-        ready, _, _ = select.select([reader.stdout], [], [], 60)
-        assert ready, "the other program did not answer within 60 s"
-        answer = reader.stdout.readline().split()
-        assert answer == ["Dune", "Messiah", str(backend_ids[-1])], reader.stderr.read()
+        assert next_line(reader) == f"Dune Messiah {backend_ids[-1]}"
         assert reader.wait(timeout=60) == 0, reader.stderr.read()
     finally:
         reader.kill()
