@@ -41,6 +41,7 @@ from .context import (
 from .exceptions import (
     AliasAlreadyExistError,
     AliasDoesNotExistError,
+    BackendUnavailableError,
     DataClayException,
     DatasetAccessError,
     ObjectDoesNotExistError,
@@ -935,7 +936,9 @@ class Backend:
         target is woken up for it, and every request that comes there after
         the answer, from any process, finds the object, since a backend that
         misses an object first takes what has arrived. Should the target fail
-        to take it, it sends the object back here (``_op_take_back``).
+        to take it, it sends the object back here (``_op_take_back``). If the
+        connection for arrivals has failed, this returns false and the move
+        waits for the target (the next one makes the connection again).
 
         Returns whether it was sent; if not, nothing has changed.
         """
@@ -963,7 +966,12 @@ class Backend:
             )
         except (TypeError, pickle.PicklingError, AttributeError):
             return False
-        connection.send_arrival(payload, buffers)
+        try:
+            connection.send_arrival(payload, buffers)
+        except BackendUnavailableError as exc:
+            # what was sent of it is dropped there; the move waits instead
+            logger.debug("arrival to backend %s not sent: %s", target, exc)
+            return False
         self._moved_away([obj], target)
         return True
 

@@ -141,24 +141,34 @@ class Runtime:
     ) -> Connection | None:
         """Return this process's connection for arrivals to a backend.
 
-        One for all threads, made on first use and tagged with ``sender`` (the
-        backend this runtime belongs to). ``None`` where the backend is not
-        reached over a Unix socket of this host: arrivals need the kernel to
-        queue a message at the receiver before ``send`` returns.
+        One for all threads, made on first use (and again after it failed)
+        and tagged with ``sender`` (the backend this runtime belongs to).
+        ``None`` where the backend is not reached over a Unix socket of this
+        host: arrivals need the kernel to queue a message at the receiver
+        before ``send`` returns.
+
+        Raises:
+            BackendUnavailableError: The backend cannot be reached.
         """
         try:
-            return self._arrivals[backend_id]
+            connection = self._arrivals[backend_id]
         except KeyError:
             pass
+        else:
+            if connection is None or not connection.closed:
+                return connection
         with self._connections_lock:
-            if backend_id in self._arrivals:
-                return self._arrivals[backend_id]
+            connection = self._arrivals.get(backend_id)
+            if backend_id in self._arrivals and (
+                connection is None or not connection.closed
+            ):
+                return connection
             if self._closed:
                 raise DataClayException(
                     "the client is stopped; start a client before using objects"
                 )
             info = self.backends[backend_id]
-            connection: Connection | None = None
+            connection = None
             if info.host == _HOST and info.local_address is not None:
                 connection = Connection(
                     info.address,

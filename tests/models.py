@@ -264,6 +264,19 @@ class Inspector(DataClayObject):
         assert backend is not None
         return any(str(key) == object_id for key in list(backend.objects))
 
+    @activemethod
+    def drop_arrivals(self) -> int:
+        """Close this backend's end of every connection for arrivals."""
+        from dataclay_hpc.object import process_backend
+
+        backend = process_backend()
+        assert backend is not None
+        server = backend.server
+        inbounds = server._arrival_inbounds
+        for inbound in inbounds:
+            server._drop_arrivals(inbound, ConnectionResetError("dropped by a test"))
+        return len(inbounds)
+
 
 class Shelf:
     """A plain namespace: classes nested in it have dotted qualified names."""

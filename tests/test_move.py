@@ -272,6 +272,30 @@ def thread_wakeups(pid: int) -> int:
     return total
 
 
+def test_a_failed_connection_for_arrivals_is_made_again(client, backend_ids):
+    # the target dropped it: the next move waits for the target instead, and
+    # the one after sends ahead on a new connection
+    source, target = backend_ids[0], backend_ids[-1]
+    warm_up_moves(backend_ids)
+    inspector = Inspector()
+    inspector.make_persistent(backend_id=target)
+    person = Person("first", 0)
+    person.make_persistent(backend_id=source)
+    person.move(target)  # sent ahead: the connection for arrivals is made
+    for round_ in range(3):
+        assert inspector.drop_arrivals() >= 1
+        for step in range(4):
+            person = Person(f"after drop {round_}", step)
+            person.make_persistent(backend_id=source)
+            person.move(target)
+            assert person._dc_meta.master_backend_id == target
+            assert (person.name, person.birthday()) == (
+                f"after drop {round_}",
+                step + 1,
+            )
+            assert inspector.holds(str(person._dc_meta.id))
+
+
 def test_backends_go_quiet_right_after_a_burst_of_moves(client, backend_ids):
     # while moves come, a backend looks for arrivals every millisecond; once
     # they stop, it must block again, not keep looking
