@@ -807,22 +807,28 @@ class RequestServer:
         them): arrivals sent while it pauses wake nobody up.
         """
         while not self._closed:
-            poller = select.poll()
-            poller.register(self._wake_read, select.POLLIN)
-            for inbound in self._arrival_inbounds:
-                poller.register(inbound.sock, select.POLLIN)
             try:
-                events = poller.poll()
-            except OSError:  # a socket closed under it
-                continue
-            if any(fd == self._wake_read for fd, _ in events):
-                os.read(self._wake_read, 4096)
-            self.take_arrivals()
-            while not self._closed:
-                mark = self._arrivals_taken
+                self._take_left_arrivals_once()
+            except Exception:  # a defect: log it, and keep the others coming in
+                logger.exception("%s: taking arrivals failed", self._name)
                 time.sleep(ARRIVALS_PAUSE_S)
-                if not self.take_arrivals() and self._arrivals_taken == mark:
-                    break
+
+    def _take_left_arrivals_once(self) -> None:
+        poller = select.poll()
+        poller.register(self._wake_read, select.POLLIN)
+        for inbound in self._arrival_inbounds:
+            fd = inbound.sock.fileno()
+            if fd >= 0:  # not dropped meanwhile
+                poller.register(fd, select.POLLIN)
+        events = poller.poll()
+        if any(fd == self._wake_read for fd, _ in events):
+            os.read(self._wake_read, 4096)
+        self.take_arrivals()
+        while not self._closed:
+            mark = self._arrivals_taken
+            time.sleep(ARRIVALS_PAUSE_S)
+            if not self.take_arrivals() and self._arrivals_taken == mark:
+                return
 
     def close(self) -> None:
         """Stop accepting and close every open connection."""
