@@ -604,10 +604,9 @@ class Backend:
         and requests that come here for it are sent there.
         """
         try:
-            message, _ = serialization.loads(payload, count, buffers)
             self._gate.enter()
             try:
-                self._materialize([message[4]])
+                self._take_store(payload, count, buffers)
             finally:
                 self._gate.leave()
         except BaseException as exc:  # noqa: BLE001 - nothing may be lost
@@ -649,10 +648,14 @@ class Backend:
         self, records: list, payload: bytes, buffers: list[bytes]
     ) -> uuid.UUID:
         """Hold again an object sent ahead from here that its target failed to take."""
-        message, _ = serialization.loads(payload, 0, buffers)
-        cls, meta, state = message[4]
-        self._materialize([(cls, meta, state)])
-        return meta.id
+        return self._take_store(payload, 0, buffers)
+
+    def _take_store(self, payload: bytes, count: int, buffers: list[Any]) -> uuid.UUID:
+        """Hold the object of a pickled ``store`` message; return its id."""
+        message, _ = serialization.loads(payload, count, buffers)
+        record = message[4]
+        self._materialize([record])
+        return record[1].id
 
     def _op_receive_objects(self, records: list, roots: list) -> None:
         self._materialize(records)

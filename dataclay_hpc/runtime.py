@@ -118,23 +118,30 @@ class Runtime:
             connections = self._local.connections = {}
         connection = connections.get(backend_id)
         if connection is None or connection.closed:
-            if self._closed:
-                raise DataClayException(
-                    "the client is stopped; start a client before using objects"
-                )
-            info = self.backends[backend_id]
-            connection = Connection(
-                info.address,
-                self._secret,
-                f"backend rank {info.rank}",
-                info.local_address if info.host == _HOST else None,
-            )
+            connection = self._open(backend_id)
             connection.on_posted_handled = self._posts_handled
             self._backend_of[connection] = backend_id
             connections[backend_id] = connection
             with self._connections_lock:
                 self._all_connections.append(connection)
         return connection
+
+    def _open(
+        self, backend_id: uuid.UUID, arrivals_from: bytes | None = None
+    ) -> Connection:
+        """Connect to a backend, over its Unix socket where it is on this host."""
+        if self._closed:
+            raise DataClayException(
+                "the client is stopped; start a client before using objects"
+            )
+        info = self.backends[backend_id]
+        return Connection(
+            info.address,
+            self._secret,
+            f"backend rank {info.rank}",
+            info.local_address if info.host == _HOST else None,
+            arrivals_from=arrivals_from,
+        )
 
     def arrivals_connection(
         self, backend_id: uuid.UUID, sender: uuid.UUID
@@ -163,20 +170,10 @@ class Runtime:
                 connection is None or not connection.closed
             ):
                 return connection
-            if self._closed:
-                raise DataClayException(
-                    "the client is stopped; start a client before using objects"
-                )
             info = self.backends[backend_id]
             connection = None
             if info.host == _HOST and info.local_address is not None:
-                connection = Connection(
-                    info.address,
-                    self._secret,
-                    f"backend rank {info.rank}",
-                    info.local_address,
-                    arrivals_from=sender.bytes,
-                )
+                connection = self._open(backend_id, arrivals_from=sender.bytes)
                 if connection.local:
                     self._all_connections.append(connection)
                 else:  # another network namespace: TCP after all
