@@ -154,6 +154,18 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UNIX_BUFFER_BYTES)
 
 
+def _limit_waits(sock: socket.socket, *options: int) -> None:
+    """Make a blocking ``sock`` give up waiting after ``REQUEST_TIMEOUT_S``.
+
+    A kernel timeout keeps the socket blocking: Python's own timeout would
+    poll() before every send and receive.
+    """
+    seconds = max(REQUEST_TIMEOUT_S, 0.001)  # 0 would mean no limit
+    timeout = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    for option in options:
+        sock.setsockopt(socket.SOL_SOCKET, option, timeout)
+
+
 def _digest(secret: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, nonce, hashlib.sha256).digest()
 
@@ -298,13 +310,8 @@ class Connection:
                     f"{name} at {address[0]}:{address[1]} refused this process's job "
                     "secret; connect with the secret of the job that runs it"
                 )
-            # a kernel timeout keeps the socket blocking: Python's own timeout
-            # would poll() before every send and receive
             sock.settimeout(None)
-            seconds = max(REQUEST_TIMEOUT_S, 0.001)  # 0 would mean no limit
-            timeout = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+            _limit_waits(sock, socket.SO_RCVTIMEO, socket.SO_SNDTIMEO)
         except (OSError, EOFError) as exc:
             sock.close()
             raise BackendUnavailableError(
@@ -670,8 +677,11 @@ class RequestServer:
         elif kind != _REQUESTS:
             return None
         sock.settimeout(None)
-        if kind == _ARRIVALS and not self._keep_for_arrivals(inbound):
-            return None
+        if kind == _ARRIVALS:
+            # a sender that stops inside a message is given up, not waited for
+            _limit_waits(sock, socket.SO_RCVTIMEO)
+            if not self._keep_for_arrivals(inbound):
+                return None
         # an arrivals connection is read from now on: its first arrival,
         # sent as soon as the peer reads this, is taken with the others
         try:
@@ -785,6 +795,16 @@ class RequestServer:
                         (payload, count, buffers), _ = received
                         taken += 1
                         self._take_one(inbound.sender, payload, count, buffers)
+                except (BlockingIOError, TimeoutError) as exc:
+                    logger.warning(
+                        "%s: a backend sent part of an object and no more within "
+                        "%g s (DATACLAY_HPC_REQUEST_TIMEOUT_S); dropped it and its "
+                        "connection: its move is sent again the way that waits "
+                        "for this backend, if its sender goes on",
+                        self._name,
+                        REQUEST_TIMEOUT_S,
+                    )
+                    self._drop_arrivals(inbound, exc)
                 except (OSError, EOFError) as exc:
                     self._drop_arrivals(inbound, exc)
             self._arrivals_taken += taken

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from dataclay_hpc import transport
 from dataclay_hpc.exceptions import BackendUnavailableError
 from dataclay_hpc.transport import _HEAD, Connection, RequestServer
 
@@ -152,6 +153,31 @@ def test_a_message_that_has_begun_to_arrive_is_read_to_its_end(server, taken):
         rest.join()
     finally:
         connection.close()
+
+
+def test_a_sender_that_stops_inside_a_message_is_given_up(monkeypatch, taken):
+    monkeypatch.setattr(transport, "REQUEST_TIMEOUT_S", 0.5)
+    server = RequestServer(
+        no_requests,
+        SECRET,
+        "127.0.0.1",
+        "arrivals-test",
+        local_address=f"dataclay-hpc-test-{uuid.uuid4()}",
+        arrival_handler=taken,
+    )
+    server.start()
+    connection = connect(server)
+    try:
+        payload = b"x" * 1000
+        connection._sock.sendall(_HEAD.pack(len(payload), 0, 1 << 31) + payload[:10])
+        started = time.monotonic()
+        server.take_arrivals()
+        assert 0.4 <= time.monotonic() - started < 10
+        assert taken.payloads() == []
+        assert not server._arrival_inbounds
+    finally:
+        connection.close()
+        server.close()
 
 
 def test_arrivals_nobody_asks_for_are_taken_all_the_same(server, taken):
